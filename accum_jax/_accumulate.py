@@ -1,0 +1,317 @@
+"""The ``accumulate`` gradient transformation.
+
+``accumulate(inner, k)`` keeps a running weighted sum of gradients and applies
+``inner`` once every ``k`` calls, to the weighted mean. Between window ends it
+returns zero updates and leaves ``inner``'s state untouched; the inner update
+runs inside a ``lax.switch`` branch, so it is never computed on other calls.
+"""
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from accum_jax import _split
+
+
+class AccumulateState(NamedTuple):
+  """State of :func:`accumulate`.
+
+  Attributes:
+    count: int32 scalar, micro-steps taken in the current window (``0 <= count
+      < k`` between calls).
+    acc: the weighted sum of the window's gradients, a pytree like the params,
+      in the accumulator dtype.
+    weight: float32 scalar, the sum of the window's weights.
+    inner_state: the state of the inner optimizer.
+  """
+
+  count: jax.Array
+  acc: optax.Updates
+  weight: jax.Array
+  inner_state: optax.OptState
+
+
+class AccumulateTransformation(optax.GradientTransformationExtraArgs):
+  """An :class:`optax.GradientTransformationExtraArgs` made by :func:`accumulate`.
+
+  It is an ordinary optax transformation (a ``(init, update)`` pair) that also
+  remembers how it was built, so the in-step drivers
+  (:func:`accum_jax.value_and_update`) can read the window length.
+
+  Attributes:
+    inner: the inner optimizer, with extra-args support.
+    num_microbatches: ``k``, the window length.
+    accumulator_dtype: the requested accumulator dtype.
+  """
+
+  # A tuple subclass without __slots__ gets an instance __dict__ for the config.
+  def __new__(cls, init, update, *, inner, num_microbatches,
+              accumulator_dtype):
+    self = super().__new__(cls, init, update)
+    self.inner = inner
+    self.num_microbatches = num_microbatches
+    self.accumulator_dtype = accumulator_dtype
+    return self
+
+  def __getnewargs_ex__(self):
+    return (tuple(self), dict(inner=self.inner,
+                              num_microbatches=self.num_microbatches,
+                              accumulator_dtype=self.accumulator_dtype))
+
+
+def _path_name(path) -> str:
+  return jax.tree_util.keystr(path) or '<root>'
+
+
+def acc_dtype(dtype, accumulator_dtype) -> jnp.dtype:
+  """The accumulator dtype for a gradient of ``dtype``: never narrower."""
+  if accumulator_dtype is None:
+    return jnp.dtype(dtype)
+  return jnp.promote_types(dtype, accumulator_dtype)
+
+
+def check_floating(tree: Any, what: str) -> None:
+  """Raises a TypeError naming the first non-floating leaf of ``tree``."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f'{what} leaf {_path_name(path)} has dtype {dtype}; accum_jax '
+          'accumulates floating-point gradients only. Keep integer or boolean '
+          'values out of the differentiated pytree (e.g. in a separate '
+          'argument or a non-trainable collection).'
+      )
+
+
+def check_same_structure(tree: Any, reference: Any, what: str,
+                         reference_what: str) -> None:
+  """Raises a ValueError if ``tree`` and ``reference`` differ in structure."""
+  treedef = jax.tree.structure(tree)
+  ref_treedef = jax.tree.structure(reference)
+  if treedef != ref_treedef:
+    raise ValueError(
+        f'The {what} pytree does not match the {reference_what} it was '
+        f'initialised with:\n  {what}: {treedef}\n  {reference_what}: '
+        f'{ref_treedef}'
+    )
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree),
+                          jax.tree.leaves(reference)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+          f'The {what} leaf {_path_name(path)} has shape {jnp.shape(a)} but '
+          f'the {reference_what} has shape {jnp.shape(b)}.'
+      )
+
+
+def check_weight(weight: Any) -> jax.Array:
+  """Returns ``weight`` as a float32 scalar, or raises if it is not a scalar."""
+  if jnp.ndim(weight) != 0:
+    raise ValueError(
+        'A micro-batch weight must be a scalar, got an array of shape '
+        f'{jnp.shape(weight)}.'
+    )
+  return jnp.asarray(weight, jnp.float32)
+
+
+def add_weighted(acc: Any, grads: Any, weight: jax.Array) -> Any:
+  """``acc + weight * grads``, computed in the accumulator's dtype."""
+  return jax.tree.map(lambda a, g: a + weight.astype(a.dtype) * g.astype(a.dtype),
+                      acc, grads)
+
+
+def mean_of(acc: Any, total_weight: jax.Array, like: Any) -> Any:
+  """``acc / total_weight`` in the dtypes of ``like``; 0 for a zero weight."""
+  safe = jnp.where(total_weight > 0, total_weight, 1.0)
+  return jax.tree.map(
+      lambda a, g: (a / safe.astype(a.dtype)).astype(g.dtype), acc, like)
+
+
+def finish_window(
+    tx: AccumulateTransformation,
+    state: AccumulateState,
+    grads_like: Any,
+    params: Optional[optax.Params],
+    extra_args: dict[str, Any],
+    *,
+    guard: bool = True,
+) -> tuple[optax.Updates, AccumulateState]:
+  """Applies the inner optimizer once to the window's mean and resets.
+
+  ``state.acc`` and ``state.weight`` hold the window's sums. An empty window
+  (total weight 0) gives zero updates and leaves the inner state untouched.
+  ``guard=False`` is for callers that know the weight is positive (every
+  weight was 1): the ``lax.cond`` that handles an empty window costs a
+  parameter-sized buffer on XLA, so it is left out when it cannot be taken.
+  """
+
+  def apply(operand):
+    acc, weight, inner_state = operand
+    mean = mean_of(acc, weight, grads_like)
+    updates, new_inner = tx.inner.update(mean, inner_state, params,
+                                         **extra_args)
+    # Keep both branches (and a scan carry around them) dtype-stable: updates
+    # come back in the gradients' dtypes, the inner state in its own.
+    return cast_like(updates, grads_like), cast_like(new_inner, inner_state)
+
+  def skip(operand):
+    _, _, inner_state = operand
+    return jax.tree.map(jnp.zeros_like, grads_like), inner_state
+
+  operand = (state.acc, state.weight, state.inner_state)
+  if guard:
+    updates, inner_state = jax.lax.cond(state.weight > 0, apply, skip, operand)
+  else:
+    updates, inner_state = apply(operand)
+  return updates, reset(state, inner_state, updates)
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+  """Casts every array leaf of ``tree`` to the dtype of ``like``'s leaf."""
+  return jax.tree.map(
+      lambda x, y: jnp.asarray(x).astype(jnp.result_type(y))
+      if hasattr(y, 'dtype') else x, tree, like)
+
+
+def reset(state: AccumulateState, inner_state, updates) -> AccumulateState:
+  """A state at the start of a new window, after ``updates`` were computed.
+
+  The zeroed accumulator is made to depend on ``updates`` through a select on
+  an opaque ``False``. That orders the reset after the last read of the summed
+  accumulator, so XLA writes the zeros into the donated accumulator buffer that
+  the scan used as its carry, instead of holding a second parameter-sized
+  buffer for the whole step (measured: 1.23x the memory of a hand-written scan
+  on an MLP with fresh zeros, 1.00x with this).
+  """
+  keep = jax.lax.optimization_barrier(jnp.zeros([], jnp.bool_))
+  acc = jax.tree.map(
+      lambda a, u: jnp.where(keep, u.astype(a.dtype), jnp.zeros_like(a)),
+      state.acc, updates)
+  return AccumulateState(
+      count=jnp.zeros([], jnp.int32),
+      acc=acc,
+      weight=jnp.zeros([], jnp.float32),
+      inner_state=inner_state,
+  )
+
+
+def accumulate(
+    inner: optax.GradientTransformation,
+    num_microbatches: int,
+    *,
+    accumulator_dtype: Optional[Any] = jnp.float32,
+) -> AccumulateTransformation:
+  r"""Accumulates gradients over ``k`` micro-steps, then applies ``inner`` once.
+
+  Each call adds ``weight * grads`` to an accumulator. On the ``k``-th call of
+  a window the inner optimizer is applied **once** to the weighted mean
+
+  .. math::
+    \bar g = \sum_j w_j g_j \,/\, \sum_j w_j,
+
+  cast back to the gradients' dtype, and the window starts again. On the other
+  calls the updates are zeros (structure and dtype of ``grads``) and the inner
+  state is left bit-identical: the inner update sits in a ``lax.cond`` branch
+  and is not computed. So clipping, weight decay, the step count and any
+  learning-rate schedule of ``inner`` see one step per window.
+
+  With the default weight of 1 the mean is the plain average of the ``k``
+  gradients, which is the full-batch gradient of a mean loss when the
+  micro-batches have equal sizes. Pass ``weight=`` (e.g. the number of
+  non-padding tokens of the micro-batch, with ``grads`` the gradient of the
+  token-mean loss of that micro-batch) to get the exact token-mean gradient of
+  the whole window. A window whose weights sum to 0 gives zero updates and
+  leaves the inner state untouched, never NaN.
+
+  Extra keyword arguments of ``update`` (e.g. ``value=`` for
+  ``optax.contrib.reduce_on_plateau``) are forwarded to ``inner`` at the window
+  end; a plain ``GradientTransformation`` ignores them.
+
+  Use it cross-step (one jitted ``update`` per micro-batch, like
+  ``optax.MultiSteps``) or in-step with :func:`accum_jax.value_and_update`,
+  which runs the whole window in one ``lax.scan``.
+
+  Args:
+    inner: the optimizer to apply once per window.
+    num_microbatches: ``k``, the number of micro-steps in a window (an int >=
+      1).
+    accumulator_dtype: dtype of the accumulator. Gradients are accumulated in
+      ``promote_types(grad_dtype, accumulator_dtype)``, so bf16/fp16 gradients
+      accumulate in float32 by default and float64 stays float64. ``None``
+      accumulates in the gradients' own dtype.
+
+  Returns:
+    An :class:`AccumulateTransformation` (an
+    ``optax.GradientTransformationExtraArgs``) with state
+    :class:`AccumulateState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import accum_jax
+    >>> tx = accum_jax.accumulate(optax.sgd(1.0), num_microbatches=2)
+    >>> params = {'w': jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.array([1.0, 2.0])}, state, params)
+    >>> updates['w']  # mid-window: zeros
+    Array([0., 0.], dtype=float32)
+    >>> updates, state = tx.update({'w': jnp.array([3.0, 4.0])}, state, params)
+    >>> updates['w']  # window end: -lr * mean of the two gradients
+    Array([-2., -3.], dtype=float32)
+    >>> int(state.count)
+    0
+  """
+  num_microbatches = _split.check_num_microbatches(num_microbatches)
+  if accumulator_dtype is not None:
+    accumulator_dtype = jnp.dtype(accumulator_dtype)
+    if not jnp.issubdtype(accumulator_dtype, jnp.floating):
+      raise TypeError(
+          f'accumulator_dtype must be a floating dtype, got {accumulator_dtype}.'
+      )
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+        'accumulate expects an optax.GradientTransformation as inner, got '
+        f'{type(inner).__name__}.'
+    )
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    check_floating(params, 'Params')
+    return AccumulateState(
+        count=jnp.zeros([], jnp.int32),
+        acc=jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p),
+                                acc_dtype(jnp.result_type(p),
+                                          accumulator_dtype)), params),
+        weight=jnp.zeros([], jnp.float32),
+        inner_state=inner.init(params),
+    )
+
+  def update_fn(grads, state, params=None, *, weight=None, **extra_args):
+    if not isinstance(state, AccumulateState):
+      raise TypeError(
+          'accumulate.update expects an AccumulateState (from this '
+          f'transform\'s init), got {type(state).__name__}.'
+      )
+    check_same_structure(grads, state.acc, 'grads', 'params')
+    if params is not None:
+      check_same_structure(params, state.acc, 'params', 'accumulator')
+    check_floating(grads, 'Gradient')
+    w = jnp.ones([], jnp.float32) if weight is None else check_weight(weight)
+    acc = add_weighted(state.acc, grads, w)
+    summed = AccumulateState(state.count + 1, acc, state.weight + w,
+                             state.inner_state)
+
+    def mid(_):
+      return jax.tree.map(jnp.zeros_like, grads), summed
+
+    def end(_):
+      return finish_window(tx, summed, grads, params, extra_args)
+
+    return jax.lax.cond(summed.count >= num_microbatches, end, mid, None)
+
+  tx = AccumulateTransformation(
+      init_fn, update_fn, inner=inner, num_microbatches=num_microbatches,
+      accumulator_dtype=accumulator_dtype)
+  return tx

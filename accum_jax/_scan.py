@@ -1,0 +1,360 @@
+"""The in-step drivers: one ``lax.scan`` over the micro-batches of a batch.
+
+Both :func:`value_and_grad` and :func:`value_and_update` run the same loop
+(:func:`scan_microbatches`): the carry (gradient sum, weight sum, value sum,
+reduced aux) is built from ``jax.eval_shape``, never by running a micro-batch
+outside the loop, and each micro-batch is differentiated inside the loop body.
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from accum_jax import _accumulate
+from accum_jax import _split
+
+RNG_KWARG = 'rng'
+
+
+class _Sums(NamedTuple):
+  grads: Any   # sum_j w_j g_j, accumulator dtype
+  weight: jax.Array  # sum_j w_j, float32
+  value: jax.Array  # sum_j w_j L_j, float32
+  aux: Any  # reduced aux (see _reduce_aux), or None
+
+
+def _fold_rng(kwargs: dict[str, Any], index: jax.Array) -> dict[str, Any]:
+  """Gives micro-batch ``index`` its own key(s): ``fold_in(rng, index)``."""
+  if RNG_KWARG not in kwargs or kwargs[RNG_KWARG] is None:
+    return kwargs
+  rng = jax.tree.map(lambda key: jax.random.fold_in(key, index),
+                     kwargs[RNG_KWARG])
+  return {**kwargs, RNG_KWARG: rng}
+
+
+def _aux_sum_dtype(dtype):
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.promote_types(dtype, jnp.float32)
+  return dtype
+
+
+def _reduce_aux_step(carry, aux, weight):
+  """Floating leaves: weighted sum (divided at the end); ints: sum; bools: any."""
+
+  def step(c, a):
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      return c + weight.astype(c.dtype) * a.astype(c.dtype)
+    if a.dtype == jnp.bool_:
+      return c | a
+    return c + a
+
+  return jax.tree.map(step, carry, aux)
+
+
+def _finish_aux(carry, aux_like, total_weight):
+  safe = jnp.where(total_weight > 0, total_weight, 1.0)
+
+  def finish(c, like):
+    if jnp.issubdtype(c.dtype, jnp.floating):
+      return (c / safe.astype(c.dtype)).astype(like.dtype)
+    return c
+
+  return jax.tree.map(finish, carry, aux_like)
+
+
+def _wrap_loss(loss_fn, has_aux, remat):
+  """Returns ``(params, mb, args, kwargs) -> ((value, aux), grads)``."""
+
+  def loss(params, microbatch, args, kwargs):
+    out = loss_fn(params, microbatch, *args, **kwargs)
+    if has_aux:
+      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            'With has_aux=True, loss_fn must return a pair (loss, aux); got '
+            f'{type(out).__name__}'
+            + (f' of length {len(out)}' if isinstance(out, (tuple, list))
+               else '') + '.'
+        )
+      value, aux = out
+    else:
+      if isinstance(out, (tuple, list)):
+        raise TypeError(
+            f'loss_fn returned a {type(out).__name__} of length {len(out)}; '
+            'if it returns (loss, aux), pass has_aux=True.'
+        )
+      value, aux = out, None
+    if jnp.shape(value) != ():
+      raise TypeError(
+          'loss_fn must return a scalar loss, got shape '
+          f'{jnp.shape(value)}.'
+      )
+    if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+      raise TypeError(
+          f'loss_fn must return a floating loss, got {jnp.result_type(value)}.'
+      )
+    return value, aux
+
+  if remat is not None and remat is not False:
+    policy = None if remat is True else remat
+    loss = jax.checkpoint(loss, policy=policy, static_argnums=())
+  return jax.value_and_grad(loss, has_aux=True)
+
+
+def scan_microbatches(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    num_microbatches: int,
+    has_aux: bool,
+    weight_fn: Optional[Callable[[Any], Any]],
+    accumulator_dtype: Any,
+    stack_aux: bool,
+    remat: Any,
+    init_grads: Any = None,
+    init_weight: Optional[jax.Array] = None,
+):
+  """Runs ``loss_fn`` on every micro-batch of ``batch`` in one ``lax.scan``.
+
+  Returns:
+    ``(sums, aux_like, grads_like)``: the weighted sums, the abstract aux and
+    gradient of one micro-batch (for dtypes). ``sums.aux`` is the stacked aux
+    when ``stack_aux``.
+  """
+  k = num_microbatches
+  _accumulate.check_floating(params, 'Params')
+  reshaped = _split.reshape_batch(batch, k)
+  grad_fn = _wrap_loss(loss_fn, has_aux, remat)
+
+  def one(index):
+    microbatch = _split.take_microbatch(reshaped, index)
+    (value, aux), grads = grad_fn(params, microbatch, args,
+                                  _fold_rng(kwargs, index))
+    if weight_fn is None:
+      weight = jnp.ones([], jnp.float32)
+    else:
+      weight = _check_weight_fn_output(weight_fn(microbatch))
+    return value, aux, grads, weight
+
+  index0 = jax.ShapeDtypeStruct((), jnp.int32)
+  value_like, aux_like, grads_like, _ = jax.eval_shape(one, index0)
+  _accumulate.check_floating(grads_like, 'Gradient')
+
+  if init_grads is None:
+    init_grads = jax.tree.map(
+        lambda g: jnp.zeros(g.shape, _accumulate.acc_dtype(g.dtype,
+                                                          accumulator_dtype)),
+        grads_like)
+    init_weight = jnp.zeros([], jnp.float32)
+  aux0 = None
+  if has_aux and not stack_aux:
+    aux0 = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, _aux_sum_dtype(a.dtype)), aux_like)
+  init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0)
+
+  @functools.partial(jax.named_call, name='accum_jax_microbatch')
+  def body(sums, index):
+    value, aux, grads, weight = one(index)
+    new = _Sums(
+        grads=_accumulate.add_weighted(sums.grads, grads, weight),
+        weight=sums.weight + weight,
+        value=sums.value + weight * value.astype(jnp.float32),
+        aux=(None if sums.aux is None
+             else _reduce_aux_step(sums.aux, aux, weight)),
+    )
+    return new, (aux if stack_aux else None)
+
+  sums, stacked = jax.lax.scan(body, init, jnp.arange(k, dtype=jnp.int32))
+  if stack_aux:
+    sums = sums._replace(aux=stacked)
+  return sums, value_like, aux_like, grads_like
+
+
+def _check_weight_fn_output(weight):
+  if jnp.ndim(weight) != 0:
+    raise ValueError(
+        'weight_fn must return a scalar weight per micro-batch, got an array '
+        f'of shape {jnp.shape(weight)}.'
+    )
+  return jnp.asarray(weight, jnp.float32)
+
+
+def _finish_value(sums, value_like, aux_like, has_aux, stack_aux):
+  safe = jnp.where(sums.weight > 0, sums.weight, 1.0)
+  value = (sums.value / safe).astype(value_like.dtype)
+  if not has_aux:
+    return value
+  aux = sums.aux if stack_aux else _finish_aux(sums.aux, aux_like, sums.weight)
+  return value, aux
+
+
+def value_and_grad(
+    loss_fn: Callable[..., Any],
+    num_microbatches: int,
+    *,
+    has_aux: bool = False,
+    weight_fn: Optional[Callable[[Any], Any]] = None,
+    accumulator_dtype: Optional[Any] = jnp.float32,
+    stack_aux: bool = False,
+    remat: Any = None,
+) -> Callable[..., Any]:
+  r"""A micro-batched drop-in for ``jax.value_and_grad(loss_fn)``.
+
+  ``value_and_grad(loss_fn, k)(params, batch, *args, **kwargs)`` returns what
+  ``jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch, *args,
+  **kwargs)`` returns on the full batch, computed one micro-batch at a time in
+  a ``lax.scan``, so the activations of only one micro-batch are live.
+
+  Semantics:
+
+  * **Split.** ``batch`` is a pytree whose leaves share a leading batch axis
+    of size ``B``, a multiple of ``k``. Micro-batch ``j`` takes rows ``j, j+k,
+    j+2k, ...`` (a strided split), so a batch sharded along its leading axis
+    stays sharded with no data movement. ``*args`` and the other keyword
+    arguments are passed unchanged to every micro-batch.
+  * **Weighting.** The result is :math:`\sum_j w_j L_j / \sum_j w_j` and its
+    gradient, where :math:`L_j` is ``loss_fn`` on micro-batch ``j`` and
+    :math:`w_j` is ``weight_fn(microbatch_j)`` (default 1). With a mean loss
+    and no ``weight_fn`` this is the full-batch mean. For a token-mean loss
+    over padded sequences, let ``loss_fn`` return the mean over the
+    micro-batch's real tokens and ``weight_fn`` the count of real tokens: the
+    result is then exactly the full-batch token mean, whatever the padding per
+    micro-batch. A batch whose weights sum to 0 gives 0 and zero gradients.
+  * **Aux.** Floating aux leaves are weighted means like the loss, integer
+    leaves are summed (counts), boolean leaves are OR-ed. With
+    ``stack_aux=True`` the aux leaves are returned stacked instead, with a
+    leading axis of size ``k``.
+  * **RNG.** A PRNG key (or a pytree of keys) passed as the keyword ``rng=``
+    reaches micro-batch ``j`` as ``jax.random.fold_in(rng, j)``, so every
+    micro-batch gets its own dropout mask.
+  * **Dtypes.** Gradients are summed in ``promote_types(grad_dtype,
+    accumulator_dtype)`` (float32 for bf16 gradients by default) and returned
+    in the gradients' dtype.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
+      loss, or ``(loss, aux)`` with ``has_aux=True``.
+    num_microbatches: ``k``, the number of micro-batches.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch.
+    accumulator_dtype: see above; ``None`` sums in the gradients' dtype.
+    stack_aux: return per-micro-batch aux stacked instead of reduced.
+    remat: ``None`` (no rematerialisation), ``True`` (``jax.checkpoint`` the
+      per-micro-batch loss) or a ``jax.checkpoint_policies`` policy.
+
+  Returns:
+    ``f(params, batch, *args, **kwargs)`` returning ``(value, grads)`` or
+    ``((value, aux), grads)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import accum_jax
+    >>> def loss_fn(w, batch):
+    ...   return jnp.mean((batch['x'] @ w - batch['y']) ** 2)
+    >>> batch = {'x': jnp.arange(16.0).reshape(8, 2), 'y': jnp.arange(8.0)}
+    >>> w = jnp.array([0.5, -0.25])
+    >>> loss, grads = accum_jax.value_and_grad(loss_fn, 4)(w, batch)
+    >>> ref_loss, ref_grads = jax.value_and_grad(loss_fn)(w, batch)
+    >>> bool(jnp.allclose(loss, ref_loss) and jnp.allclose(grads, ref_grads))
+    True
+  """
+  num_microbatches = _split.check_num_microbatches(num_microbatches)
+
+  def f(params, batch, *args, **kwargs):
+    sums, value_like, aux_like, grads_like = scan_microbatches(
+        loss_fn, params, batch, args, kwargs,
+        num_microbatches=num_microbatches, has_aux=has_aux,
+        weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
+        stack_aux=stack_aux, remat=remat)
+    grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
+    return _finish_value(sums, value_like, aux_like, has_aux, stack_aux), grads
+
+  return f
+
+
+def value_and_update(
+    loss_fn: Callable[..., Any],
+    tx: _accumulate.AccumulateTransformation,
+    *,
+    has_aux: bool = False,
+    weight_fn: Optional[Callable[[Any], Any]] = None,
+    stack_aux: bool = False,
+    remat: Any = None,
+) -> Callable[..., Any]:
+  """One optimizer step over a whole batch, micro-batched in one ``lax.scan``.
+
+  ``value_and_update(loss_fn, tx)(params, opt_state, batch, *args, **kwargs)``
+  returns ``(value, updates, opt_state)``. ``tx`` is an :func:`accumulate`
+  transform; its accumulator and weight sum are the scan's carry, over its
+  ``num_microbatches`` micro-batches, and its inner optimizer is applied
+  **once**, after the loop. One call is one optimizer step: the inner step
+  count and any schedule advance by exactly one, and ``opt_state`` comes back
+  at a window boundary (``count == 0``).
+
+  The split, weighting, aux, RNG and dtype rules are those of
+  :func:`value_and_grad`. Call it on a state at a window boundary, which is
+  where it always leaves it; a window left half-full by cross-step
+  ``tx.update`` calls is folded into this step's mean.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
+      loss, or ``(loss, aux)`` with ``has_aux=True``.
+    tx: a transform made by :func:`accumulate`.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch.
+    stack_aux: return per-micro-batch aux stacked instead of reduced.
+    remat: as in :func:`value_and_grad`.
+
+  Returns:
+    ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
+    updates, opt_state)``, where ``value`` is ``loss`` or ``(loss, aux)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import accum_jax
+    >>> def loss_fn(w, batch):
+    ...   return jnp.mean((batch['x'] @ w - batch['y']) ** 2)
+    >>> batch = {'x': jnp.arange(16.0).reshape(8, 2), 'y': jnp.arange(8.0)}
+    >>> w = jnp.array([0.5, -0.25])
+    >>> tx = accum_jax.accumulate(optax.sgd(0.01), num_microbatches=4)
+    >>> step = jax.jit(accum_jax.value_and_update(loss_fn, tx))
+    >>> loss, updates, opt_state = step(w, tx.init(w), batch)
+    >>> ref = -0.01 * jax.grad(loss_fn)(w, batch)
+    >>> bool(jnp.allclose(updates, ref))
+    True
+  """
+  if not isinstance(tx, _accumulate.AccumulateTransformation):
+    raise TypeError(
+        'value_and_update needs a transform made by accum_jax.accumulate(inner,'
+        f' num_microbatches), got {type(tx).__name__}. Wrap your optimizer: '
+        'accum_jax.accumulate(optax.adam(1e-3), num_microbatches=8).'
+    )
+
+  def f(params, opt_state, batch, *args, **kwargs):
+    if not isinstance(opt_state, _accumulate.AccumulateState):
+      raise TypeError(
+          'value_and_update expects the AccumulateState made by tx.init, got '
+          f'{type(opt_state).__name__}.'
+      )
+    _accumulate.check_same_structure(params, opt_state.acc, 'params',
+                                     'accumulator')
+    sums, value_like, aux_like, grads_like = scan_microbatches(
+        loss_fn, params, batch, args, kwargs,
+        num_microbatches=tx.num_microbatches, has_aux=has_aux,
+        weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
+        stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
+        init_weight=opt_state.weight)
+    summed = opt_state._replace(acc=sums.grads, weight=sums.weight)
+    # With unit weights the window's weight is >= k > 0: no empty-window guard.
+    updates, opt_state = _accumulate.finish_window(
+        tx, summed, grads_like, params, {}, guard=weight_fn is not None)
+    value = _finish_value(sums, value_like, aux_like, has_aux, stack_aux)
+    return value, updates, opt_state
+
+  return f
