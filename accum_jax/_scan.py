@@ -23,6 +23,11 @@ class _Sums(NamedTuple):
   weight: jax.Array  # sum_j w_j, float32
   value: jax.Array  # sum_j w_j L_j, float32
   aux: Any  # reduced aux (see _reduce_aux), or None
+  carry: Any = None  # extra state threaded through loss_fn (see `carry`)
+
+
+# Marks "no extra carry": ``None`` is itself a valid (empty) carry pytree.
+NO_CARRY = object()
 
 
 def _fold_rng(kwargs: dict[str, Any], index: jax.Array) -> dict[str, Any]:
@@ -66,11 +71,22 @@ def _finish_aux(carry, aux_like, total_weight):
   return jax.tree.map(finish, carry, aux_like)
 
 
-def _wrap_loss(loss_fn, has_aux, remat):
-  """Returns ``(params, mb, args, kwargs) -> ((value, aux), grads)``."""
+def _wrap_loss(loss_fn, has_aux, remat, has_carry=False):
+  """Returns ``(params, mb, args, kwargs) -> ((value, (aux, carry)), grads)``."""
 
   def loss(params, microbatch, args, kwargs):
     out = loss_fn(params, microbatch, *args, **kwargs)
+    new_carry = None
+    if has_carry:
+      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            'With a carried state, loss_fn must return (out, new_state), where '
+            'out is the loss (or (loss, aux) with has_aux=True); got '
+            f'{type(out).__name__}'
+            + (f' of length {len(out)}' if isinstance(out, (tuple, list))
+               else '') + '.'
+        )
+      out, new_carry = out
     if has_aux:
       if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(
@@ -96,7 +112,7 @@ def _wrap_loss(loss_fn, has_aux, remat):
       raise TypeError(
           f'loss_fn must return a floating loss, got {jnp.result_type(value)}.'
       )
-    return value, aux
+    return value, (aux, new_carry)
 
   if remat is not None and remat is not False:
     policy = None if remat is True else remat
@@ -119,32 +135,45 @@ def scan_microbatches(
     remat: Any,
     init_grads: Any = None,
     init_weight: Optional[jax.Array] = None,
+    carry: Any = NO_CARRY,
 ):
   """Runs ``loss_fn`` on every micro-batch of ``batch`` in one ``lax.scan``.
 
+  With ``carry`` (a pytree, e.g. BatchNorm statistics), micro-batch ``j`` is
+  evaluated as ``loss_fn(params, microbatch_j, carry_j, *args, **kwargs)``
+  and must return ``(out, carry_{j+1})``: the state is threaded through the
+  micro-batches in order, and ``sums.carry`` holds the last one. The carry is
+  not differentiated.
+
   Returns:
-    ``(sums, aux_like, grads_like)``: the weighted sums, the abstract aux and
-    gradient of one micro-batch (for dtypes). ``sums.aux`` is the stacked aux
-    when ``stack_aux``.
+    ``(sums, value_like, aux_like, grads_like)``: the weighted sums, the
+    abstract loss, aux and gradient of one micro-batch (for dtypes).
+    ``sums.aux`` is the stacked aux when ``stack_aux``.
   """
   k = num_microbatches
   _accumulate.check_floating(params, 'Params')
   reshaped = _split.reshape_batch(batch, k)
-  grad_fn = _wrap_loss(loss_fn, has_aux, remat)
+  has_carry = carry is not NO_CARRY
+  grad_fn = _wrap_loss(loss_fn, has_aux, remat, has_carry)
 
-  def one(index):
+  def one(index, state):
     microbatch = _split.take_microbatch(reshaped, index)
-    (value, aux), grads = grad_fn(params, microbatch, args,
-                                  _fold_rng(kwargs, index))
+    extra = (state,) if has_carry else ()
+    (value, (aux, new_state)), grads = grad_fn(
+        params, microbatch, extra + tuple(args), _fold_rng(kwargs, index))
     if weight_fn is None:
       weight = jnp.ones([], jnp.float32)
     else:
       weight = _check_weight_fn_output(weight_fn(microbatch))
-    return value, aux, grads, weight
+    return value, aux, grads, weight, new_state
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
-  value_like, aux_like, grads_like, _ = jax.eval_shape(one, index0)
+  carry0 = carry if has_carry else None
+  value_like, aux_like, grads_like, _, carry_like = jax.eval_shape(
+      one, index0, carry0)
   _accumulate.check_floating(grads_like, 'Gradient')
+  if has_carry:
+    _check_carry(carry_like, carry0)
 
   if init_grads is None:
     init_grads = jax.tree.map(
@@ -156,17 +185,19 @@ def scan_microbatches(
   if has_aux and not stack_aux:
     aux0 = jax.tree.map(
         lambda a: jnp.zeros(a.shape, _aux_sum_dtype(a.dtype)), aux_like)
-  init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0)
+  init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0,
+               carry0)
 
   @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(sums, index):
-    value, aux, grads, weight = one(index)
+    value, aux, grads, weight, new_state = one(index, sums.carry)
     new = _Sums(
         grads=_accumulate.add_weighted(sums.grads, grads, weight),
         weight=sums.weight + weight,
         value=sums.value + weight * value.astype(jnp.float32),
         aux=(None if sums.aux is None
              else _reduce_aux_step(sums.aux, aux, weight)),
+        carry=new_state,
     )
     return new, (aux if stack_aux else None)
 
@@ -174,6 +205,25 @@ def scan_microbatches(
   if stack_aux:
     sums = sums._replace(aux=stacked)
   return sums, value_like, aux_like, grads_like
+
+
+def _check_carry(new_like, carry):
+  """The state loss_fn returns must match the state it was given."""
+  if jax.tree.structure(new_like) != jax.tree.structure(carry):
+    raise ValueError(
+        'loss_fn must return its new state with the structure of the state it '
+        f'was given:\n  given: {jax.tree.structure(carry)}\n  returned: '
+        f'{jax.tree.structure(new_like)}'
+    )
+  for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(new_like),
+                              jax.tree.leaves(carry), strict=True):
+    if (jnp.shape(new), jnp.result_type(new)) != (jnp.shape(old),
+                                                  jnp.result_type(old)):
+      raise ValueError(
+          f'loss_fn returned state leaf {jax.tree_util.keystr(path)} with '
+          f'shape {jnp.shape(new)} and dtype {jnp.result_type(new)}, but it was'
+          f' given shape {jnp.shape(old)} and dtype {jnp.result_type(old)}.'
+      )
 
 
 def _check_weight_fn_output(weight):
