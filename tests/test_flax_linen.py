@@ -137,47 +137,53 @@ def test_batch_stats_threaded_like_a_sequential_loop():
     logits, new_model_state = model.apply(
         {'params': params, **model_state}, mb['x'],
         mutable=list(model_state))
-    return xent(logits, mb['y']), new_model_state
+    return (xent(logits, mb['y']), jnp.mean(logits)), new_model_state
 
-  step = jax.jit(lambda s, b: accum_jax.linen_train_step(s, b, loss_fn))
+  step = jax.jit(lambda s, b: accum_jax.linen_train_step(s, b, loss_fn,
+                                                         has_aux=True))
 
   # Hand-written reference: k sequential forward/backward passes on rows
   # j, j+k, ..., each seeing the statistics left by the previous one.
+  def seq_loss(params, mb, stats):
+    (loss, aux), new = loss_fn(params, mb, {'batch_stats': stats})
+    return loss, (aux, new['batch_stats'])
+
   @jax.jit
   def ref_step(params, stats, opt_state, batch):
-    grad_sum, loss_sum = None, 0.0
+    grad_sum, loss_sum, aux_sum = None, 0.0, 0.0
     for j in range(k):
-      mb = microbatch(batch, j, k)
-      (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, mb, {'batch_stats': stats})
-      stats = new['batch_stats']
+      (loss, (aux, stats)), grads = jax.value_and_grad(seq_loss, has_aux=True)(
+          params, microbatch(batch, j, k), stats)
       loss_sum += loss
+      aux_sum += aux
       grad_sum = grads if grad_sum is None else jax.tree.map(
           jnp.add, grad_sum, grads)
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     updates, opt_state = inner.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss_sum / k
+    return (optax.apply_updates(params, updates), stats, opt_state,
+            loss_sum / k, aux_sum / k)
 
   ref_params, ref_stats, ref_opt = params, stats, inner.init(params)
   for i in range(2):
     batch = make_batch(10 + i)
-    state, loss = step(state, batch)
-    ref_params, ref_stats, ref_opt, ref_loss = ref_step(
+    state, (loss, aux) = step(state, batch)
+    ref_params, ref_stats, ref_opt, ref_loss, ref_aux = ref_step(
         ref_params, ref_stats, ref_opt, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(aux, ref_aux, rtol=1e-5, atol=1e-7)
     assert_trees_close(state.params, ref_params)
     assert_trees_close(state.batch_stats, ref_stats)
   assert int(state.step) == 2 and inner_count(state.opt_state) == 2
 
   # The statistics are not the full-batch ones (documented): one full-batch
   # pass from the same start moves the running mean differently.
-  _, full = loss_fn(params, make_batch(10), {'batch_stats': stats})
+  _, (_, full) = seq_loss(params, make_batch(10), stats)
   once = step(BNState.create(apply_fn=model.apply, params=params,
                              batch_stats=stats,
                              tx=accum_jax.accumulate(inner, k)),
               make_batch(10))[0]
   assert not np.allclose(once.batch_stats['BatchNorm_0']['mean'],
-                         full['batch_stats']['BatchNorm_0']['mean'])
+                         full['BatchNorm_0']['mean'])
 
 
 def test_dropout_masks_differ_between_identical_microbatches():

@@ -97,6 +97,21 @@ def test_optimizer_with_accumulate_cross_step():
   assert inner_count(optimizer) == 2
 
 
+def test_optimizer_update_forwards_the_token_weight():
+  """optimizer.update(model, grads, weight=n) reaches accumulate."""
+  model, ref = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, accum_jax.accumulate(optax.sgd(0.5), 2),
+                            wrt=nnx.Param)
+  batch = make_batch(4)
+  weights = (3.0, 1.0)
+  grads = [nnx.grad(loss_fn)(model, microbatch(batch, j, 2)) for j in range(2)]
+  for g, w in zip(grads, weights, strict=True):
+    optimizer.update(model, g, weight=w)
+  mean = jax.tree.map(lambda a, b: (3.0 * a + 1.0 * b) / 4.0, *grads)
+  nnx.Optimizer(ref, optax.sgd(0.5), wrt=nnx.Param).update(ref, mean)
+  assert_states_close(nnx.state(model, nnx.Param), nnx.state(ref, nnx.Param))
+
+
 @pytest.mark.parametrize('k, plain_tx', [(2, False), (4, False), (4, True)])
 def test_train_step_matches_full_batch(k, plain_tx):
   model, ref = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
