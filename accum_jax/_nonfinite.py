@@ -9,7 +9,7 @@ or loss has weight 0 too. Whatever is dropped is replaced by exact zeros with
 accumulator.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,8 @@ def screen(
     weight: jax.Array,
     *,
     weighted: bool,
-    real: Optional[jax.Array] = None,
-    value: Optional[jax.Array] = None,
+    real: jax.Array | None = None,
+    value: jax.Array | None = None,
     aux: Any = None,
 ):
   """What one micro-batch may add to the window.
@@ -98,7 +98,7 @@ def screen(
   return value, aux, grads, w, bad
 
 
-def count_bad(state: Any, bad: Optional[jax.Array]) -> Any:
+def count_bad(state: Any, bad: jax.Array | None) -> Any:
   """Adds ``bad`` dropped micro-batches to the state's counters."""
   if bad is None:
     return state

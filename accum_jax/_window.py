@@ -9,7 +9,7 @@ compiled step serves every ``r``. Either way the window's mean is divided by
 the weight it saw, never by ``k``.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,7 @@ def check_end_window(end_window: Any) -> jax.Array:
 
 
 def pop_num_real(kwargs: dict[str, Any],
-                 num_microbatches: int) -> tuple[Optional[jax.Array], dict]:
+                 num_microbatches: int) -> tuple[jax.Array | None, dict]:
   """Takes ``num_real_microbatches`` out of a driver's keyword arguments."""
   if NUM_REAL_KWARG not in kwargs:
     return None, kwargs
@@ -89,7 +89,7 @@ def pop_num_real(kwargs: dict[str, Any],
 def flush(
     tx: Any,
     state: Any,
-    params: Optional[optax.Params] = None,
+    params: optax.Params | None = None,
     **extra_args: Any,
 ) -> tuple[optax.Updates, Any]:
   """Ends the current window now (e.g. at the end of an epoch).
@@ -123,8 +123,10 @@ def flush(
     >>> int(state.count), int(state.step)
     (0, 1)
   """
-  from accum_jax import _accumulate  # pylint: disable=g-import-not-at-top
-  from accum_jax import _config  # pylint: disable=g-import-not-at-top
+  from accum_jax import (
+    _accumulate,  # pylint: disable=g-import-not-at-top
+    _config,  # pylint: disable=g-import-not-at-top
+  )
 
   if not isinstance(tx, _accumulate.AccumulateTransformation):
     raise TypeError(

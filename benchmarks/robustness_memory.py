@@ -40,7 +40,8 @@ def peak_mib(fn, *args):
 def main():
   params = init_params(jax.random.key(0))
   batch = {'x': jnp.ones((BATCH, WIDTH)), 'y': jnp.zeros((BATCH, WIDTH))}
-  weighted = lambda mb: jnp.asarray(mb['x'].shape[0], jnp.float32)
+  def weighted(mb):
+    return jnp.asarray(mb['x'].shape[0], jnp.float32)
 
   def step_for(tx, **kw):
     def step(params, opt_state, batch, **call_kw):
@@ -60,7 +61,8 @@ def main():
           step_for(tx, weight_fn=weighted), params, state, batch)))
       num_real = jnp.asarray(K, jnp.int32)
       rows.append(('num_real_microbatches', peak_mib(
-          lambda p, s, b, r: step_for(tx)(p, s, b, num_real_microbatches=r),
+          lambda p, s, b, r, tx=tx: step_for(tx)(p, s, b,
+                                                  num_real_microbatches=r),
           params, state, batch, num_real)))
 
   # A hand-written scan with the same adam, for the ratio.

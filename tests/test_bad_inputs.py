@@ -207,7 +207,7 @@ def test_traced_negative_weight_counts_as_zero(policy):
   g = [{'w': jnp.array([1.0, 2.0])}, {'w': jnp.array([5.0, 5.0])},
        {'w': jnp.array([3.0, 0.0])}]
   state = tx.init(PARAMS)
-  for grads, w in zip(g, (1.0, -4.0, 3.0)):
+  for grads, w in zip(g, (1.0, -4.0, 3.0), strict=False):
     updates, state = update(grads, state, PARAMS, weight=jnp.float32(w))
   np.testing.assert_allclose(updates['w'], -(1.0 * g[0]['w'] + 3.0 * g[2]['w'])
                              / 4.0, rtol=1e-6)

@@ -55,7 +55,7 @@ def restore(path, tx, params_like):
 
 def assert_bit_identical(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False):
     assert x.dtype == y.dtype
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -119,7 +119,7 @@ def test_resume_half_window_into_in_step(tmp_path):
   data = list(batches(3, 4 * K))
   tx = make_tx()
   params = make_params()
-  micro = [jax.tree.map(lambda x: x[j::K], data[0]) for j in range(2)]
+  micro = [jax.tree.map(lambda x, j=j: x[j::K], data[0]) for j in range(2)]
   params_a, state_a = cross_step_run(tx, params, tx.init(params), micro)
   assert int(state_a.count) == 2
   full = in_step_run(tx, params_a, state_a, data[1:])

@@ -78,7 +78,7 @@ def test_outside_frozen_group_cross_step():
   update = jax.jit(tx.update)
   state = tx.init(params)
   batch = make_batch(0)
-  grads = [jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[j::K], batch))
+  grads = [jax.grad(loss_fn)(params, jax.tree.map(lambda x, j=j: x[j::K], batch))
            for j in range(K)]
   for g in grads:
     updates, state = update(g, state, params)
@@ -115,7 +115,7 @@ def test_inside_multi_transform_not_accumulated_cross_step():
   assert len(jax.tree.leaves(acc_state.acc)) == 2  # head w, b only
   update = jax.jit(tx.update)
   batch = make_batch(0)
-  grads = [jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[j::K], batch))
+  grads = [jax.grad(loss_fn)(params, jax.tree.map(lambda x, j=j: x[j::K], batch))
            for j in range(K)]
   updates, state = update(grads[0], state, params)
   np.testing.assert_array_equal(updates['head']['w'], 0.0)
@@ -172,7 +172,7 @@ def test_inside_longer_window_for_embeddings_in_step():
   grads = [jax.grad(loss_fn)(params, b) for b in batches]
   adam = optax.adam(0.1)
   head_state = adam.init(params['head'])
-  for g, out in zip(grads, outs):
+  for g, out in zip(grads, outs, strict=False):
     ref, head_state = adam.update(g['head'], head_state, params['head'])
     assert_tree_close(out['head'], ref)
   np.testing.assert_array_equal(outs[0]['emb']['table'], 0.0)

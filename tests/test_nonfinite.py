@@ -30,7 +30,7 @@ def make_batch(n=16, seed=0):
 
 def micro_grads(params, batch, k=K):
   """Per-micro-batch gradients of the strided split, by hand."""
-  return [jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[j::k], batch))
+  return [jax.grad(loss_fn)(params, jax.tree.map(lambda x, j=j: x[j::k], batch))
           for j in range(k)]
 
 

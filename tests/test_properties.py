@@ -87,7 +87,7 @@ def tol(params):
 
 def assert_close(a, b, **kw):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False):
     assert x.dtype == y.dtype, (x.dtype, y.dtype)
     np.testing.assert_allclose(np.asarray(x, np.float32),
                                np.asarray(y, np.float32), **kw)
@@ -158,7 +158,7 @@ def cross_step_window(params, batch, k, weighted):
   loss = weighted_loss if weighted else mean_loss
   states, all_updates = [tx.init(params)], []
   for j in range(k):
-    mb = jax.tree.map(lambda x: x[j::k], batch)
+    mb = jax.tree.map(lambda x, j=j: x[j::k], batch)
     grads = jax.grad(loss)(params, mb)
     updates, state = tx.update(grads, states[-1], params,
                                weight=weight_fn(mb) if weighted else None)
@@ -174,10 +174,10 @@ def test_cross_step_windows(problem):
   all_updates, states, ref_grads = cross_step_window(params, batch, k,
                                                      weighted)
   before = structure_and_dtypes(states[0])
-  for j, (updates, state) in enumerate(zip(all_updates, states[1:])):
+  for j, (updates, state) in enumerate(zip(all_updates, states[1:], strict=False)):
     assert structure_and_dtypes(state) == before
     assert jax.tree.structure(updates) == jax.tree.structure(params)
-    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=False):
       assert u.dtype == p.dtype
       if j < k - 1:
         np.testing.assert_array_equal(np.asarray(u, np.float32), 0.0)

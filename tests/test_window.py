@@ -67,7 +67,7 @@ def test_in_step_ragged_matches_real_microbatches_without_retracing():
   for r in range(1, K + 1):
     # Padding rows hold garbage (NaN): they must not leak into the update.
     padded = jax.tree.map(
-        lambda x: jnp.where((jnp.arange(B) % K >= r).reshape(
+        lambda x, r=r: jnp.where((jnp.arange(B) % K >= r).reshape(
             (B,) + (1,) * (x.ndim - 1)), jnp.nan, x), batch)
     loss, updates, state = step(params, tx.init(params), padded,
                                 jnp.int32(r))
@@ -140,7 +140,7 @@ def test_weight_zero_padding_microbatch_with_nan_loss():
 
 
 def micro_grads(params, batch, k):
-  return [jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[j::k], batch))
+  return [jax.grad(loss_fn)(params, jax.tree.map(lambda x, j=j: x[j::k], batch))
           for j in range(k)]
 
 
@@ -180,7 +180,7 @@ def test_flush_weighted_and_empty():
   updates, same = flush(state, params)  # empty: nothing to apply
   assert_tree_equal(updates, jax.tree.map(jnp.zeros_like, params))
   assert_tree_equal(same, state)
-  for g, w in zip(grads[:3], (1.0, 2.0, 3.0)):
+  for g, w in zip(grads[:3], (1.0, 2.0, 3.0), strict=False):
     _, state = tx.update(g, state, params, weight=w)
   updates, state = flush(state, params)
   mean = jax.tree.map(lambda a, b, c: (a + 2 * b + 3 * c) / 6, *grads[:3])
@@ -201,8 +201,10 @@ def test_flush_checks_its_arguments():
 def test_schedule_window_lengths_and_inner_schedule():
   """k = 1, 1, then 3: the inner lr schedule sees one step per window."""
   params = {'w': jnp.zeros(())}
-  k_schedule = lambda step: jnp.where(step < 2, 1, 3)
-  lr = lambda count: 1.0 / (count + 1.0)
+  def k_schedule(step):
+    return jnp.where(step < 2, 1, 3)
+  def lr(count):
+    return 1.0 / (count + 1.0)
   tx = accum_jax.accumulate(optax.sgd(lr), k_schedule)
   update = jax.jit(tx.update)
   state = tx.init(params)
