@@ -79,7 +79,8 @@ def _wrap_loss(loss_fn, has_aux, remat):
       if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(
             'With has_aux=True, loss_fn must return a pair (loss, aux); got '
-            f'{type(out).__name__}'
+            + (f'an array of shape {jnp.shape(out)}' if hasattr(out, 'shape')
+               else type(out).__name__)
             + (f' of length {len(out)}' if isinstance(out, (tuple, list))
                else '') + '.'
         )
