@@ -61,11 +61,14 @@ def assert_bit_identical(a, b):
 
 
 def cross_step_run(tx, params, opt_state, data):
-  update = jax.jit(lambda g, s, p: tx.update(g, s, p))
-  for batch in data:
+  @jax.jit
+  def micro_step(params, opt_state, batch):
     grads = jax.grad(loss_fn)(params, batch)
-    updates, opt_state = update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for batch in data:
+    params, opt_state = micro_step(params, opt_state, batch)
   return params, opt_state
 
 
