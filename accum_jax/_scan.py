@@ -150,7 +150,8 @@ def scan_microbatches(
     return value, aux, grads, weight
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
-  value_like, aux_like, grads_like, _ = jax.eval_shape(one, index0)
+  outs_like = jax.eval_shape(one, index0)
+  value_like, aux_like, grads_like, _ = outs_like
   _accumulate.check_floating(grads_like, 'Gradient')
 
   if init_grads is None:
@@ -172,7 +173,13 @@ def scan_microbatches(
 
   @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(sums, index):
-    value, aux, grads, weight = one(index)
+    if num_real is None:
+      value, aux, grads, weight = one(index)
+    else:
+      # Padding micro-batches are not computed at all.
+      value, aux, grads, weight = jax.lax.cond(
+          index < num_real, one, lambda _: jax.tree.map(
+              lambda s: jnp.zeros(s.shape, s.dtype), outs_like), index)
     bad = None
     if screened:
       value, aux, grads, weight, bad = _nonfinite.screen(

@@ -234,3 +234,17 @@ def test_schedule_must_return_an_integer():
   with pytest.raises(TypeError, match='A num_microbatches schedule must return '
                      r'an integer scalar, got shape \(\) and dtype float32'):
     tx.update(params, tx.init(params), params)
+
+
+def test_padding_microbatches_are_not_computed():
+  calls = []
+
+  def counting_loss(params, batch):
+    jax.debug.callback(lambda: calls.append(1))
+    return loss_fn(params, batch)
+
+  f = jax.jit(lambda p, b, r: accum_jax.value_and_grad(counting_loss, K)(
+      p, b, num_real_microbatches=r))
+  jax.block_until_ready(f(make_params(), make_batch(), jnp.int32(1)))
+  jax.effects_barrier()
+  assert len(calls) == 1
