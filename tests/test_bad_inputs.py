@@ -1,6 +1,7 @@
 """Every error the library raises (the table in docs/robustness.md), and the
 safe behaviour for inputs that cannot raise (traced negative weights)."""
 
+import pathlib
 import re
 
 import jax
@@ -162,8 +163,9 @@ CASES = [
     ('empty batch', lambda: grad_k(batch={}), ValueError,
      'The batch has no array leaves to split into micro-batches.'),
     ('integer params in value_and_grad',
-     lambda: grad_k(params={'w': jnp.array([1, 2])}), TypeError,
-     "Params leaf ['w'] has dtype int32"),
+     lambda: grad_k(loss=lambda p, b: jnp.mean(b['y']),
+                    params={'n': jnp.array([1, 2])}), TypeError,
+     "Params leaf ['n'] has dtype int32"),
     ('loss_fn returns (loss, aux) without has_aux',
      lambda: grad_k(loss=lambda p, b: (loss_fn(p, b), 0.0)), TypeError,
      'loss_fn returned a tuple of length 2; if it returns (loss, aux), pass '
@@ -186,6 +188,13 @@ CASES = [
 def test_error(call, exc, message):
   with pytest.raises(exc, match=re.escape(message)):
     call()
+
+
+def test_docs_table_lists_every_error():
+  docs = pathlib.Path(__file__).parent.parent / 'docs' / 'robustness.md'
+  text = docs.read_text()
+  missing = [name for name, _, _, message in CASES if message[:30] not in text]
+  assert not missing
 
 
 def test_errors_also_raise_under_jit():
