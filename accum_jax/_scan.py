@@ -263,6 +263,11 @@ def value_and_grad(
   * **Dtypes.** Gradients are summed in ``promote_types(grad_dtype,
     accumulator_dtype)`` (float32 for bf16 gradients by default) and returned
     in the gradients' dtype.
+  * **Ragged batches.** The keyword ``num_real_microbatches=r`` (an int or a
+    traced int32 scalar, taken out of ``**kwargs``) marks micro-batches ``r,
+    ..., k-1`` as padding: they are not computed, have weight 0, and the
+    result is that of the ``r`` real ones, with one compilation for every
+    ``r``. A micro-batch of weight 0 adds exact zeros even if its loss is NaN.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
@@ -325,8 +330,9 @@ def value_and_update(
   count and any schedule advance by exactly one, and ``opt_state`` comes back
   at a window boundary (``count == 0``).
 
-  The split, weighting, aux, RNG and dtype rules are those of
-  :func:`value_and_grad`. Call it on a state at a window boundary, which is
+  The split, weighting, aux, RNG, dtype and ``num_real_microbatches=`` rules
+  are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
+  applied to every micro-batch (its gradient, weight and loss). Call it on a state at a window boundary, which is
   where it always leaves it; a window left half-full by cross-step
   ``tx.update`` calls is folded into this step's mean.
 
