@@ -232,3 +232,12 @@ def test_is_an_optax_transformation_with_extra_args():
   updates, state = chained.update(_grads(0, _params()), state, _params(),
                                   weight=1.0)
   assert int(state[1].count) == 1
+
+
+def test_configuration_survives_copies_and_pytree_round_trips():
+  import copy
+  tx = accum_jax.accumulate(optax.sgd(0.1), 4, accumulator_dtype=None)
+  rebuilt = jax.tree.unflatten(jax.tree.structure(tx), jax.tree.leaves(tx))
+  for t in (copy.deepcopy(tx), tx._replace(init=tx.init), rebuilt):
+    assert isinstance(t, accum_jax.AccumulateTransformation)
+    assert t.num_microbatches == 4 and t.accumulator_dtype is None
