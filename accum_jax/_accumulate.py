@@ -55,33 +55,38 @@ class AccumulateState(NamedTuple):
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
   """An :class:`optax.GradientTransformationExtraArgs` made by :func:`accumulate`.
 
-  It is an ordinary optax transformation (a ``(init, update)`` pair) that also
-  remembers how it was built, so the in-step drivers
-  (:func:`accum_jax.value_and_update`) can read the window length.
+  It is an ordinary optax transformation (an ``(init, update)`` pair) that also
+  says how it was built, so the in-step drivers
+  (:func:`accum_jax.value_and_update`) can read the window length. The
+  configuration travels with the ``update`` function, so copies, pickles,
+  ``_replace(init=...)`` and pytree round trips keep it.
 
   Attributes:
     inner: the inner optimizer, with extra-args support.
     num_microbatches: ``k``, the window length.
-    accumulator_dtype: the requested accumulator dtype.
+    accumulator_dtype: the requested accumulator dtype (``None``: the
+      gradients' own).
     nonfinite: the non-finite policy, ``'propagate'``, ``'skip_microbatch'``
       or ``'skip_step'``.
   """
 
-  # A tuple subclass without __slots__ gets an instance __dict__ for the config.
-  def __new__(cls, init, update, *, inner, num_microbatches,
-              accumulator_dtype, nonfinite='propagate'):
-    self = super().__new__(cls, init, update)
-    self.inner = inner
-    self.num_microbatches = num_microbatches
-    self.accumulator_dtype = accumulator_dtype
-    self.nonfinite = nonfinite
-    return self
+  __slots__ = ()
 
-  def __getnewargs_ex__(self):
-    return (tuple(self), dict(inner=self.inner,
-                              num_microbatches=self.num_microbatches,
-                              accumulator_dtype=self.accumulator_dtype,
-                              nonfinite=self.nonfinite))
+  @property
+  def inner(self) -> optax.GradientTransformationExtraArgs:
+    return self.update.accumulate_config['inner']
+
+  @property
+  def num_microbatches(self) -> Union[int, Callable[[jax.Array], Any]]:
+    return self.update.accumulate_config['num_microbatches']
+
+  @property
+  def accumulator_dtype(self) -> Optional[jnp.dtype]:
+    return self.update.accumulate_config['accumulator_dtype']
+
+  @property
+  def nonfinite(self) -> str:
+    return self.update.accumulate_config.get('nonfinite', 'propagate')
 
 
 def _path_name(path) -> str:
@@ -393,7 +398,8 @@ def accumulate(
 
     return jax.lax.cond(ends, end, mid, None)
 
-  tx = AccumulateTransformation(
-      init_fn, update_fn, inner=inner, num_microbatches=num_microbatches,
+  update_fn.accumulate_config = dict(
+      inner=inner, num_microbatches=num_microbatches,
       accumulator_dtype=accumulator_dtype, nonfinite=nonfinite)
+  tx = AccumulateTransformation(init_fn, update_fn)
   return tx

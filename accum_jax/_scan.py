@@ -77,12 +77,15 @@ def _wrap_loss(loss_fn, has_aux, remat):
     out = loss_fn(params, microbatch, *args, **kwargs)
     if has_aux:
       if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        if isinstance(out, (tuple, list)):
+          got = f'a {type(out).__name__} of length {len(out)}'
+        elif hasattr(out, 'shape'):
+          got = f'a single array of shape {jnp.shape(out)}'
+        else:
+          got = type(out).__name__
         raise TypeError(
-            'With has_aux=True, loss_fn must return a pair (loss, aux); got '
-            + (f'an array of shape {jnp.shape(out)}' if hasattr(out, 'shape')
-               else type(out).__name__)
-            + (f' of length {len(out)}' if isinstance(out, (tuple, list))
-               else '') + '.'
+            f'With has_aux=True, loss_fn must return a pair (loss, aux); got '
+            f'{got}.'
         )
       value, aux = out
     else:

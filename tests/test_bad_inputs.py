@@ -172,8 +172,8 @@ CASES = [
      'has_aux=True.'),
     ('has_aux=True but loss_fn returns a scalar',
      lambda: grad_k(has_aux=True), TypeError,
-     'With has_aux=True, loss_fn must return a pair (loss, aux); got an array '
-     'of shape ().'),
+     'With has_aux=True, loss_fn must return a pair (loss, aux); got a single '
+     'array of shape ().'),
     ('non-scalar loss',
      lambda: grad_k(loss=lambda p, b: b['x'] @ p['w']), TypeError,
      'loss_fn must return a scalar loss, got shape (2,).'),
