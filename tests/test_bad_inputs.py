@@ -237,3 +237,15 @@ def test_old_four_field_constructor_still_works():
                                   optax.adam(0.1).init(PARAMS), PARAMS)
   np.testing.assert_allclose(updates['w'], ref['w'], rtol=1e-6)
   assert int(state.step) == 1
+
+
+def test_traced_negative_weight_fn_counts_as_zero_in_step():
+  batch = {**BATCH, 'w': jnp.array([2.0, -1.0, 2.0, -1.0])}  # mb 1 weighs -1
+  tx = accum_jax.accumulate(optax.sgd(1.0), K)
+  loss, updates, _ = jax.jit(accum_jax.value_and_update(
+      loss_fn, tx, weight_fn=lambda mb: mb['w'][0]))(
+          PARAMS, tx.init(PARAMS), batch)
+  first = jax.tree.map(lambda x: x[0::K], BATCH)  # micro-batch 0 alone
+  ref_loss, ref_grads = jax.value_and_grad(loss_fn)(PARAMS, first)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(updates['w'], -ref_grads['w'], rtol=1e-6)
