@@ -11,6 +11,7 @@ from accum_jax._accumulate import AccumulateTransformation
 from accum_jax._scan import value_and_grad
 from accum_jax._scan import value_and_update
 from accum_jax._split import split_batch
+from accum_jax._window import flush
 
 __version__ = '0.1.0'
 
@@ -18,6 +19,7 @@ __all__ = (
     'AccumulateState',
     'AccumulateTransformation',
     'accumulate',
+    'flush',
     'split_batch',
     'value_and_grad',
     'value_and_update',

@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from accum_jax import _accumulate
+from accum_jax import _config
+from accum_jax import _nonfinite
 from accum_jax import _split
+from accum_jax import _window
 
 RNG_KWARG = 'rng'
 
@@ -23,6 +26,7 @@ class _Sums(NamedTuple):
   weight: jax.Array  # sum_j w_j, float32
   value: jax.Array  # sum_j w_j L_j, float32
   aux: Any  # reduced aux (see _reduce_aux), or None
+  bad: Any = None  # int32 count of micro-batches dropped as non-finite
 
 
 def _fold_rng(kwargs: dict[str, Any], index: jax.Array) -> dict[str, Any]:
@@ -123,6 +127,8 @@ def scan_microbatches(
     remat: Any,
     init_grads: Any = None,
     init_weight: Optional[jax.Array] = None,
+    nonfinite: str = 'propagate',
+    num_real: Optional[jax.Array] = None,
 ):
   """Runs ``loss_fn`` on every micro-batch of ``batch`` in one ``lax.scan``.
 
@@ -147,7 +153,8 @@ def scan_microbatches(
     return value, aux, grads, weight
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
-  value_like, aux_like, grads_like, _ = jax.eval_shape(one, index0)
+  outs_like = jax.eval_shape(one, index0)
+  value_like, aux_like, grads_like, _ = outs_like
   _accumulate.check_floating(grads_like, 'Gradient')
 
   if init_grads is None:
@@ -160,17 +167,35 @@ def scan_microbatches(
   if has_aux and not stack_aux:
     aux0 = jax.tree.map(
         lambda a: jnp.zeros(a.shape, _aux_sum_dtype(a.dtype)), aux_like)
-  init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0)
+  bad0 = None if nonfinite == 'propagate' else jnp.zeros([], jnp.int32)
+  init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0,
+               bad0)
+  # Without weights, padding or a skip policy every micro-batch adds w=1.
+  screened = (weight_fn is not None or num_real is not None
+              or nonfinite != 'propagate')
 
   @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(sums, index):
-    value, aux, grads, weight = one(index)
+    if num_real is None:
+      value, aux, grads, weight = one(index)
+    else:
+      # Padding micro-batches are not computed at all.
+      value, aux, grads, weight = jax.lax.cond(
+          index < num_real, one, lambda _: jax.tree.map(
+              lambda s: jnp.zeros(s.shape, s.dtype), outs_like), index)
+    bad = None
+    if screened:
+      value, aux, grads, weight, bad = _nonfinite.screen(
+          nonfinite, grads, weight, weighted=weight_fn is not None,
+          real=None if num_real is None else index < num_real, value=value,
+          aux=aux)
     new = _Sums(
         grads=_accumulate.add_weighted(sums.grads, grads, weight),
         weight=sums.weight + weight,
         value=sums.value + weight * value.astype(jnp.float32),
         aux=(None if sums.aux is None
              else _reduce_aux_step(sums.aux, aux, weight)),
+        bad=None if sums.bad is None else sums.bad + bad,
     )
     return new, (aux if stack_aux else None)
 
@@ -186,6 +211,7 @@ def _check_weight_fn_output(weight):
         'weight_fn must return a scalar weight per micro-batch, got an array '
         f'of shape {jnp.shape(weight)}.'
     )
+  _nonfinite.check_concrete_weight(weight, 'The weight_fn weight')
   return jnp.asarray(weight, jnp.float32)
 
 
@@ -240,6 +266,11 @@ def value_and_grad(
   * **Dtypes.** Gradients are summed in ``promote_types(grad_dtype,
     accumulator_dtype)`` (float32 for bf16 gradients by default) and returned
     in the gradients' dtype.
+  * **Ragged batches.** The keyword ``num_real_microbatches=r`` (an int or a
+    traced int32 scalar, taken out of ``**kwargs``) marks micro-batches ``r,
+    ..., k-1`` as padding: they are not computed, have weight 0, and the
+    result is that of the ``r`` real ones, with one compilation for every
+    ``r``. A micro-batch of weight 0 adds exact zeros even if its loss is NaN.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
@@ -271,11 +302,12 @@ def value_and_grad(
   num_microbatches = _split.check_num_microbatches(num_microbatches)
 
   def f(params, batch, *args, **kwargs):
+    num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
     sums, value_like, aux_like, grads_like = scan_microbatches(
         loss_fn, params, batch, args, kwargs,
         num_microbatches=num_microbatches, has_aux=has_aux,
         weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
-        stack_aux=stack_aux, remat=remat)
+        stack_aux=stack_aux, remat=remat, num_real=num_real)
     grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
     return _finish_value(sums, value_like, aux_like, has_aux, stack_aux), grads
 
@@ -301,8 +333,9 @@ def value_and_update(
   count and any schedule advance by exactly one, and ``opt_state`` comes back
   at a window boundary (``count == 0``).
 
-  The split, weighting, aux, RNG and dtype rules are those of
-  :func:`value_and_grad`. Call it on a state at a window boundary, which is
+  The split, weighting, aux, RNG, dtype and ``num_real_microbatches=`` rules
+  are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
+  applied to every micro-batch (its gradient, weight and loss). Call it on a state at a window boundary, which is
   where it always leaves it; a window left half-full by cross-step
   ``tx.update`` calls is folded into this step's mean.
 
@@ -339,6 +372,7 @@ def value_and_update(
         f' num_microbatches), got {type(tx).__name__}. Wrap your optimizer: '
         'accum_jax.accumulate(optax.adam(1e-3), num_microbatches=8).'
     )
+  num_microbatches = _window.static_num_microbatches(tx, 'value_and_update')
 
   def f(params, opt_state, batch, *args, **kwargs):
     if not isinstance(opt_state, _accumulate.AccumulateState):
@@ -348,16 +382,23 @@ def value_and_update(
       )
     _accumulate.check_same_structure(params, opt_state.acc, 'params',
                                      'accumulator')
+    _config.check_state(tx, opt_state, params)
+    num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
     sums, value_like, aux_like, grads_like = scan_microbatches(
         loss_fn, params, batch, args, kwargs,
-        num_microbatches=tx.num_microbatches, has_aux=has_aux,
+        num_microbatches=num_microbatches, has_aux=has_aux,
         weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
         stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
-        init_weight=opt_state.weight)
-    summed = opt_state._replace(acc=sums.grads, weight=sums.weight)
-    # With unit weights the window's weight is >= k > 0: no empty-window guard.
+        init_weight=opt_state.weight, nonfinite=tx.nonfinite,
+        num_real=num_real)
+    summed = _nonfinite.count_bad(
+        opt_state._replace(acc=sums.grads, weight=sums.weight), sums.bad)
+    # With unit weights, all micro-batches real and nothing skipped, the
+    # window's weight is >= k > 0: no empty-window guard (it costs memory).
+    guard = (weight_fn is not None or num_real is not None
+             or tx.nonfinite != 'propagate')
     updates, opt_state = _accumulate.finish_window(
-        tx, summed, grads_like, params, {}, guard=weight_fn is not None)
+        tx, summed, grads_like, params, {}, guard=guard)
     value = _finish_value(sums, value_like, aux_like, has_aux, stack_aux)
     return value, updates, opt_state
 
