@@ -13,6 +13,7 @@ from accum_jax._accumulate import AccumulateTransformation
 from accum_jax._scan import value_and_grad
 from accum_jax._scan import value_and_update
 from accum_jax._split import split_batch
+from accum_jax._window import flush
 
 __version__ = '0.1.0'
 
@@ -39,6 +40,7 @@ __all__ = (
     'AccumulateState',
     'AccumulateTransformation',
     'accumulate',
+    'flush',
     'linen_train_step',
     'nnx_train_step',
     'split_batch',

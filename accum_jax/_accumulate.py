@@ -6,13 +6,16 @@ returns zero updates and leaves ``inner``'s state untouched; the inner update
 runs inside a ``lax.switch`` branch, so it is never computed on other calls.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from accum_jax import _split
+from accum_jax import _config
+from accum_jax import _nonfinite
+from accum_jax import _window
 
 
 class AccumulateState(NamedTuple):
@@ -25,40 +28,65 @@ class AccumulateState(NamedTuple):
       in the accumulator dtype.
     weight: float32 scalar, the sum of the window's weights.
     inner_state: the state of the inner optimizer.
+    step: int32 scalar, windows ended so far (optimizer steps, skipped ones
+      included); a ``num_microbatches`` schedule is evaluated at it.
+    skipped_microbatches: int32 scalar, micro-batches dropped so far for
+      non-finite values (``nonfinite='skip_microbatch'`` or ``'skip_step'``).
+    skipped_steps: int32 scalar, windows ended so far without an inner update
+      because of non-finite values.
+    window_nonfinite: bool scalar, whether the current window has seen a
+      non-finite micro-batch.
+    config: static (leafless) record of the ``accumulate`` that made the state,
+      so that a state from a different transform is caught at trace time.
   """
 
   count: jax.Array
   acc: optax.Updates
   weight: jax.Array
   inner_state: optax.OptState
+  # Defaults keep the four-field constructor working; init() fills them all.
+  step: jax.Array = np.zeros([], np.int32)
+  skipped_microbatches: jax.Array = np.zeros([], np.int32)
+  skipped_steps: jax.Array = np.zeros([], np.int32)
+  window_nonfinite: jax.Array = np.zeros([], np.bool_)
+  config: Optional[_config.Config] = None
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
   """An :class:`optax.GradientTransformationExtraArgs` made by :func:`accumulate`.
 
-  It is an ordinary optax transformation (a ``(init, update)`` pair) that also
-  remembers how it was built, so the in-step drivers
-  (:func:`accum_jax.value_and_update`) can read the window length.
+  It is an ordinary optax transformation (an ``(init, update)`` pair) that also
+  says how it was built, so the in-step drivers
+  (:func:`accum_jax.value_and_update`) can read the window length. The
+  configuration travels with the ``update`` function, so copies, pickles,
+  ``_replace(init=...)`` and pytree round trips keep it.
 
   Attributes:
     inner: the inner optimizer, with extra-args support.
     num_microbatches: ``k``, the window length.
-    accumulator_dtype: the requested accumulator dtype.
+    accumulator_dtype: the requested accumulator dtype (``None``: the
+      gradients' own).
+    nonfinite: the non-finite policy, ``'propagate'``, ``'skip_microbatch'``
+      or ``'skip_step'``.
   """
 
-  # A tuple subclass without __slots__ gets an instance __dict__ for the config.
-  def __new__(cls, init, update, *, inner, num_microbatches,
-              accumulator_dtype):
-    self = super().__new__(cls, init, update)
-    self.inner = inner
-    self.num_microbatches = num_microbatches
-    self.accumulator_dtype = accumulator_dtype
-    return self
+  __slots__ = ()
 
-  def __getnewargs_ex__(self):
-    return (tuple(self), dict(inner=self.inner,
-                              num_microbatches=self.num_microbatches,
-                              accumulator_dtype=self.accumulator_dtype))
+  @property
+  def inner(self) -> optax.GradientTransformationExtraArgs:
+    return self.update.accumulate_config['inner']
+
+  @property
+  def num_microbatches(self) -> Union[int, Callable[[jax.Array], Any]]:
+    return self.update.accumulate_config['num_microbatches']
+
+  @property
+  def accumulator_dtype(self) -> Optional[jnp.dtype]:
+    return self.update.accumulate_config['accumulator_dtype']
+
+  @property
+  def nonfinite(self) -> str:
+    return self.update.accumulate_config.get('nonfinite', 'propagate')
 
 
 def _path_name(path) -> str:
@@ -112,6 +140,7 @@ def check_weight(weight: Any) -> jax.Array:
         'A micro-batch weight must be a scalar, got an array of shape '
         f'{jnp.shape(weight)}.'
     )
+  _nonfinite.check_concrete_weight(weight, 'A micro-batch weight')
   return jnp.asarray(weight, jnp.float32)
 
 
@@ -160,11 +189,16 @@ def finish_window(
     return jax.tree.map(jnp.zeros_like, grads_like), inner_state
 
   operand = (state.acc, state.weight, state.inner_state)
+  skipped_step = None
   if guard:
-    updates, inner_state = jax.lax.cond(state.weight > 0, apply, skip, operand)
+    # An empty window, or (skip policies) one with non-finite values, is not
+    # applied and the inner state comes back bit-identical.
+    ok = _nonfinite.window_ok(tx.nonfinite, state)
+    updates, inner_state = jax.lax.cond(ok, apply, skip, operand)
+    skipped_step = state.window_nonfinite & ~ok
   else:
     updates, inner_state = apply(operand)
-  return updates, reset(state, inner_state, updates)
+  return updates, reset(state, inner_state, updates, skipped_step=skipped_step)
 
 
 def cast_like(tree: Any, like: Any) -> Any:
@@ -174,7 +208,8 @@ def cast_like(tree: Any, like: Any) -> Any:
       if hasattr(y, 'dtype') else x, tree, like)
 
 
-def reset(state: AccumulateState, inner_state, updates) -> AccumulateState:
+def reset(state: AccumulateState, inner_state, updates, *,
+          skipped_step: Optional[jax.Array] = None) -> AccumulateState:
   """A state at the start of a new window, after ``updates`` were computed.
 
   The zeroed accumulator is made to depend on ``updates`` through a select on
@@ -183,24 +218,35 @@ def reset(state: AccumulateState, inner_state, updates) -> AccumulateState:
   the scan used as its carry, instead of holding a second parameter-sized
   buffer for the whole step (measured: 1.23x the memory of a hand-written scan
   on an MLP with fresh zeros, 1.00x with this).
+
+  The window counter ``step`` advances by one; ``skipped_step`` (a bool)
+  adds to ``skipped_steps``.
   """
   keep = jax.lax.optimization_barrier(jnp.zeros([], jnp.bool_))
   acc = jax.tree.map(
       lambda a, u: jnp.where(keep, u.astype(a.dtype), jnp.zeros_like(a)),
       state.acc, updates)
-  return AccumulateState(
+  skipped_steps = jnp.asarray(state.skipped_steps, jnp.int32)
+  if skipped_step is not None:
+    skipped_steps = skipped_steps + skipped_step.astype(jnp.int32)
+  return state._replace(
       count=jnp.zeros([], jnp.int32),
       acc=acc,
       weight=jnp.zeros([], jnp.float32),
       inner_state=inner_state,
+      step=jnp.asarray(state.step, jnp.int32) + 1,
+      skipped_microbatches=jnp.asarray(state.skipped_microbatches, jnp.int32),
+      skipped_steps=skipped_steps,
+      window_nonfinite=jnp.zeros([], jnp.bool_),
   )
 
 
 def accumulate(
     inner: optax.GradientTransformation,
-    num_microbatches: int,
+    num_microbatches: Union[int, Callable[[jax.Array], Any]],
     *,
     accumulator_dtype: Optional[Any] = jnp.float32,
+    nonfinite: str = 'propagate',
 ) -> AccumulateTransformation:
   r"""Accumulates gradients over ``k`` micro-steps, then applies ``inner`` once.
 
@@ -232,14 +278,34 @@ def accumulate(
   ``optax.MultiSteps``) or in-step with :func:`accum_jax.value_and_update`,
   which runs the whole window in one ``lax.scan``.
 
+  Cross-step, ``update(grads, state, params, weight=w, end_window=e)`` also
+  takes ``end_window``, a (traceable) bool that ends the window after this
+  micro-step whatever its length, normalised by the weight seen; see also
+  :func:`accum_jax.flush`. A negative ``weight`` raises when it is concrete
+  and counts as 0 when traced; a micro-batch of weight 0 contributes nothing,
+  even if its gradient is NaN.
+
+  Non-finite values (``nonfinite=``): ``'propagate'`` does plain arithmetic,
+  so a NaN/Inf gradient reaches the update. ``'skip_microbatch'`` drops a
+  micro-batch with a non-finite gradient, weight (or, in-step, loss) and its
+  weight: the mean is over the finite micro-batches only, and a window with
+  none is not applied. ``'skip_step'`` applies no update for a window that saw
+  any non-finite micro-batch and leaves the inner state bit-identical. Both
+  use selects, never ``0 * inf``, and count what they drop in
+  ``state.skipped_microbatches`` and ``state.skipped_steps``.
+
   Args:
     inner: the optimizer to apply once per window.
     num_microbatches: ``k``, the number of micro-steps in a window (an int >=
-      1).
+      1), or cross-step only, a schedule ``f(step) -> int`` of the number of
+      windows ended so far (``state.step``), like ``every_k_schedule`` of
+      ``optax.MultiSteps``; values below 1 count as 1.
     accumulator_dtype: dtype of the accumulator. Gradients are accumulated in
       ``promote_types(grad_dtype, accumulator_dtype)``, so bf16/fp16 gradients
       accumulate in float32 by default and float64 stays float64. ``None``
       accumulates in the gradients' own dtype.
+    nonfinite: ``'propagate'`` (default), ``'skip_microbatch'`` or
+      ``'skip_step'``, see above.
 
   Returns:
     An :class:`AccumulateTransformation` (an
@@ -262,7 +328,8 @@ def accumulate(
     >>> int(state.count)
     0
   """
-  num_microbatches = _split.check_num_microbatches(num_microbatches)
+  num_microbatches = _window.check_num_microbatches(num_microbatches)
+  nonfinite = _nonfinite.check_policy(nonfinite)
   if accumulator_dtype is not None:
     accumulator_dtype = jnp.dtype(accumulator_dtype)
     if not jnp.issubdtype(accumulator_dtype, jnp.floating):
@@ -275,6 +342,7 @@ def accumulate(
         f'{type(inner).__name__}.'
     )
   inner = optax.with_extra_args_support(inner)
+  config = _config.Config(num_microbatches, nonfinite)
 
   def init_fn(params):
     check_floating(params, 'Params')
@@ -286,9 +354,15 @@ def accumulate(
                                           accumulator_dtype)), params),
         weight=jnp.zeros([], jnp.float32),
         inner_state=inner.init(params),
+        step=jnp.zeros([], jnp.int32),
+        skipped_microbatches=jnp.zeros([], jnp.int32),
+        skipped_steps=jnp.zeros([], jnp.int32),
+        window_nonfinite=jnp.zeros([], jnp.bool_),
+        config=config,
     )
 
-  def update_fn(grads, state, params=None, *, weight=None, **extra_args):
+  def update_fn(grads, state, params=None, *, weight=None, end_window=None,
+                **extra_args):
     if not isinstance(state, AccumulateState):
       raise TypeError(
           'accumulate.update expects an AccumulateState (from this '
@@ -297,11 +371,24 @@ def accumulate(
     check_same_structure(grads, state.acc, 'grads', 'params')
     if params is not None:
       check_same_structure(params, state.acc, 'params', 'accumulator')
+    _config.check_state(tx, state, params)
     check_floating(grads, 'Gradient')
     w = jnp.ones([], jnp.float32) if weight is None else check_weight(weight)
-    acc = add_weighted(state.acc, grads, w)
-    summed = AccumulateState(state.count + 1, acc, state.weight + w,
-                             state.inner_state)
+    bad = None
+    if weight is not None or nonfinite != 'propagate':
+      # Selects, not multiplies: a dropped micro-batch adds exact zeros.
+      _, _, grads_in, w, bad = _nonfinite.screen(
+          nonfinite, grads, w, weighted=weight is not None)
+    else:
+      grads_in = grads
+    acc = add_weighted(state.acc, grads_in, w)
+    summed = _nonfinite.count_bad(
+        state._replace(count=state.count + 1, acc=acc,
+                       weight=state.weight + w), bad)
+    length = _window.window_length(num_microbatches, summed.step)
+    ends = summed.count >= length
+    if end_window is not None:
+      ends = ends | _window.check_end_window(end_window)
 
     def mid(_):
       return jax.tree.map(jnp.zeros_like, grads), summed
@@ -309,9 +396,10 @@ def accumulate(
     def end(_):
       return finish_window(tx, summed, grads, params, extra_args)
 
-    return jax.lax.cond(summed.count >= num_microbatches, end, mid, None)
+    return jax.lax.cond(ends, end, mid, None)
 
-  tx = AccumulateTransformation(
-      init_fn, update_fn, inner=inner, num_microbatches=num_microbatches,
-      accumulator_dtype=accumulator_dtype)
+  update_fn.accumulate_config = dict(
+      inner=inner, num_microbatches=num_microbatches,
+      accumulator_dtype=accumulator_dtype, nonfinite=nonfinite)
+  tx = AccumulateTransformation(init_fn, update_fn)
   return tx

@@ -26,21 +26,21 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       'pip install flax (or accum_jax[examples]).'
   ) from e
 
-from accum_jax import _accumulate, _scan, _split
+from accum_jax import _accumulate, _scan, _split, _window
 
 
-def _num_microbatches(tx: Any, num_microbatches: int | None,
-                      where: str) -> int:
+def _num_microbatches(tx: Any, num_microbatches: int | None, where: str,
+                      who: str) -> int:
   """The window length: from an accumulate ``tx``, or given for a plain one."""
   if isinstance(tx, _accumulate.AccumulateTransformation):
-    if (num_microbatches is not None
-        and num_microbatches != tx.num_microbatches):
+    k = _window.static_num_microbatches(tx, who)
+    if num_microbatches is not None and num_microbatches != k:
       raise ValueError(
-          f'{where} is accum_jax.accumulate(..., num_microbatches='
-          f'{tx.num_microbatches}) but num_microbatches={num_microbatches} '
-          'was passed; leave num_microbatches out (the transform sets it).'
+          f'{where} is accum_jax.accumulate(..., num_microbatches={k}) but '
+          f'num_microbatches={num_microbatches} was passed; leave '
+          'num_microbatches out (the transform sets it).'
       )
-    return tx.num_microbatches
+    return k
   if num_microbatches is None:
     raise TypeError(
         f'{where} is a {type(tx).__name__}, not an accum_jax.accumulate '
@@ -62,31 +62,15 @@ def _optimizer_step(loss_fn, tx, k, params, opt_state, batch, kwargs, *,
   optimizer the mean gradient is formed and ``tx.update`` applied once.
   """
   if isinstance(tx, _accumulate.AccumulateTransformation):
-    if not isinstance(opt_state, _accumulate.AccumulateState):
-      raise TypeError(
-          'The optimizer state is a '
-          f'{type(opt_state).__name__}, not the AccumulateState of '
-          'accum_jax.accumulate; build it with tx.init(params).'
-      )
-    _accumulate.check_same_structure(params, opt_state.acc, 'params',
-                                     'accumulator')
-    sums, value_like, aux_like, grads_like = _scan.scan_microbatches(
-        loss_fn, params, batch, (), kwargs, num_microbatches=k,
-        has_aux=has_aux, weight_fn=weight_fn,
-        accumulator_dtype=tx.accumulator_dtype, stack_aux=stack_aux,
-        remat=remat, init_grads=opt_state.acc, init_weight=opt_state.weight,
-        carry=carry)
-    summed = opt_state._replace(acc=sums.grads, weight=sums.weight)
-    # As in value_and_update: unit weights cannot make an empty window.
-    updates, opt_state = _accumulate.finish_window(
-        tx, summed, grads_like, params, {}, guard=weight_fn is not None)
-  else:
-    sums, value_like, aux_like, grads_like = _scan.scan_microbatches(
-        loss_fn, params, batch, (), kwargs, num_microbatches=k,
-        has_aux=has_aux, weight_fn=weight_fn, accumulator_dtype=jnp.float32,
-        stack_aux=stack_aux, remat=remat, carry=carry)
-    grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    return _scan.update_step(
+        loss_fn, tx, k, params, opt_state, batch, (), kwargs, has_aux=has_aux,
+        weight_fn=weight_fn, stack_aux=stack_aux, remat=remat, carry=carry)
+  sums, value_like, aux_like, grads_like = _scan.scan_microbatches(
+      loss_fn, params, batch, (), kwargs, num_microbatches=k,
+      has_aux=has_aux, weight_fn=weight_fn, accumulator_dtype=jnp.float32,
+      stack_aux=stack_aux, remat=remat, carry=carry)
+  grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
+  updates, opt_state = tx.update(grads, opt_state, params)
   value = _scan._finish_value(sums, value_like, aux_like, has_aux, stack_aux)
   return value, updates, opt_state, sums.carry
 
@@ -151,8 +135,9 @@ def linen_train_step(
   **BatchNorm.** The statistics are threaded through the micro-batches in
   order: micro-batch ``j`` normalises with its own batch statistics and
   updates the running averages left by micro-batch ``j-1``, exactly as ``k``
-  sequential small forward passes would. This is not the full-batch
-  statistic: BatchNorm over a micro-batch of ``B/k`` rows normalises with
+  sequential small forward passes would (a micro-batch dropped by the
+  ``nonfinite`` policy of ``accumulate`` leaves them unchanged). This is not
+  the full-batch statistic: BatchNorm over a micro-batch of ``B/k`` rows normalises with
   that micro-batch's mean and variance, so the loss and gradient differ from
   the full batch's (the same happens on ``k`` devices without cross-device
   BatchNorm).
@@ -216,7 +201,7 @@ def linen_train_step(
     True
   """
   tx = state.tx
-  k = _num_microbatches(tx, num_microbatches, 'state.tx')
+  k = _num_microbatches(tx, num_microbatches, 'state.tx', 'linen_train_step')
   names = _mutable_names(state, mutable)
   carry = ({name: getattr(state, name) for name in names} if names
            else _scan.NO_CARRY)
@@ -323,7 +308,8 @@ def nnx_train_step(
         f'{type(optimizer).__name__}.'
     )
   tx = optimizer.tx
-  k = _num_microbatches(tx, num_microbatches, 'optimizer.tx')
+  k = _num_microbatches(tx, num_microbatches, 'optimizer.tx',
+                        'nnx_train_step')
   wrt = optimizer.wrt
   graph = getattr(optimizer, 'graph', None)
   graphdef, params, rest = nnx.split(model, wrt, ..., graph=graph)

@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from accum_jax import _accumulate
+from accum_jax import _config
+from accum_jax import _nonfinite
 from accum_jax import _split
+from accum_jax import _window
 
 RNG_KWARG = 'rng'
 
@@ -23,6 +26,7 @@ class _Sums(NamedTuple):
   weight: jax.Array  # sum_j w_j, float32
   value: jax.Array  # sum_j w_j L_j, float32
   aux: Any  # reduced aux (see _reduce_aux), or None
+  bad: Any = None  # int32 count of micro-batches dropped as non-finite
   carry: Any = None  # extra state threaded through loss_fn (see `carry`)
 
 
@@ -89,11 +93,15 @@ def _wrap_loss(loss_fn, has_aux, remat, has_carry=False):
       out, new_carry = out
     if has_aux:
       if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        if isinstance(out, (tuple, list)):
+          got = f'a {type(out).__name__} of length {len(out)}'
+        elif hasattr(out, 'shape'):
+          got = f'a single array of shape {jnp.shape(out)}'
+        else:
+          got = type(out).__name__
         raise TypeError(
-            'With has_aux=True, loss_fn must return a pair (loss, aux); got '
-            f'{type(out).__name__}'
-            + (f' of length {len(out)}' if isinstance(out, (tuple, list))
-               else '') + '.'
+            f'With has_aux=True, loss_fn must return a pair (loss, aux); got '
+            f'{got}.'
         )
       value, aux = out
     else:
@@ -135,6 +143,8 @@ def scan_microbatches(
     remat: Any,
     init_grads: Any = None,
     init_weight: Optional[jax.Array] = None,
+    nonfinite: str = 'propagate',
+    num_real: Optional[jax.Array] = None,
     carry: Any = NO_CARRY,
 ):
   """Runs ``loss_fn`` on every micro-batch of ``batch`` in one ``lax.scan``.
@@ -143,7 +153,8 @@ def scan_microbatches(
   evaluated as ``loss_fn(params, microbatch_j, carry_j, *args, **kwargs)``
   and must return ``(out, carry_{j+1})``: the state is threaded through the
   micro-batches in order, and ``sums.carry`` holds the last one. The carry is
-  not differentiated.
+  not differentiated; a padding micro-batch, or one dropped as non-finite,
+  leaves it unchanged.
 
   Returns:
     ``(sums, value_like, aux_like, grads_like)``: the weighted sums, the
@@ -169,8 +180,8 @@ def scan_microbatches(
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
   carry0 = carry if has_carry else None
-  value_like, aux_like, grads_like, _, carry_like = jax.eval_shape(
-      one, index0, carry0)
+  *outs_like, carry_like = jax.eval_shape(one, index0, carry0)
+  value_like, aux_like, grads_like, _ = outs_like
   _accumulate.check_floating(grads_like, 'Gradient')
   if has_carry:
     _check_carry(carry_like, carry0)
@@ -185,19 +196,40 @@ def scan_microbatches(
   if has_aux and not stack_aux:
     aux0 = jax.tree.map(
         lambda a: jnp.zeros(a.shape, _aux_sum_dtype(a.dtype)), aux_like)
+  bad0 = None if nonfinite == 'propagate' else jnp.zeros([], jnp.int32)
   init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0,
-               carry0)
+               bad0, carry0)
+  # Without weights, padding or a skip policy every micro-batch adds w=1.
+  screened = (weight_fn is not None or num_real is not None
+              or nonfinite != 'propagate')
 
   @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(sums, index):
-    value, aux, grads, weight, new_state = one(index, sums.carry)
+    if num_real is None:
+      value, aux, grads, weight, state = one(index, sums.carry)
+    else:
+      # Padding micro-batches are not computed at all.
+      value, aux, grads, weight, state = jax.lax.cond(
+          index < num_real, one, lambda _, state: (*jax.tree.map(
+              lambda s: jnp.zeros(s.shape, s.dtype), outs_like), state),
+          index, sums.carry)
+    bad = None
+    if screened:
+      value, aux, grads, weight, bad = _nonfinite.screen(
+          nonfinite, grads, weight, weighted=weight_fn is not None,
+          real=None if num_real is None else index < num_real, value=value,
+          aux=aux)
+      if has_carry and bad is not None:  # a dropped micro-batch: keep state
+        state = jax.tree.map(lambda old, new: jnp.where(bad > 0, old, new),
+                             sums.carry, state)
     new = _Sums(
         grads=_accumulate.add_weighted(sums.grads, grads, weight),
         weight=sums.weight + weight,
         value=sums.value + weight * value.astype(jnp.float32),
         aux=(None if sums.aux is None
              else _reduce_aux_step(sums.aux, aux, weight)),
-        carry=new_state,
+        bad=None if sums.bad is None else sums.bad + bad,
+        carry=state,
     )
     return new, (aux if stack_aux else None)
 
@@ -232,6 +264,7 @@ def _check_weight_fn_output(weight):
         'weight_fn must return a scalar weight per micro-batch, got an array '
         f'of shape {jnp.shape(weight)}.'
     )
+  _nonfinite.check_concrete_weight(weight, 'The weight_fn weight')
   return jnp.asarray(weight, jnp.float32)
 
 
@@ -286,6 +319,11 @@ def value_and_grad(
   * **Dtypes.** Gradients are summed in ``promote_types(grad_dtype,
     accumulator_dtype)`` (float32 for bf16 gradients by default) and returned
     in the gradients' dtype.
+  * **Ragged batches.** The keyword ``num_real_microbatches=r`` (an int or a
+    traced int32 scalar, taken out of ``**kwargs``) marks micro-batches ``r,
+    ..., k-1`` as padding: they are not computed, have weight 0, and the
+    result is that of the ``r`` real ones, with one compilation for every
+    ``r``. A micro-batch of weight 0 adds exact zeros even if its loss is NaN.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
@@ -317,11 +355,12 @@ def value_and_grad(
   num_microbatches = _split.check_num_microbatches(num_microbatches)
 
   def f(params, batch, *args, **kwargs):
+    num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
     sums, value_like, aux_like, grads_like = scan_microbatches(
         loss_fn, params, batch, args, kwargs,
         num_microbatches=num_microbatches, has_aux=has_aux,
         weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
-        stack_aux=stack_aux, remat=remat)
+        stack_aux=stack_aux, remat=remat, num_real=num_real)
     grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
     return _finish_value(sums, value_like, aux_like, has_aux, stack_aux), grads
 
@@ -347,8 +386,9 @@ def value_and_update(
   count and any schedule advance by exactly one, and ``opt_state`` comes back
   at a window boundary (``count == 0``).
 
-  The split, weighting, aux, RNG and dtype rules are those of
-  :func:`value_and_grad`. Call it on a state at a window boundary, which is
+  The split, weighting, aux, RNG, dtype and ``num_real_microbatches=`` rules
+  are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
+  applied to every micro-batch (its gradient, weight and loss). Call it on a state at a window boundary, which is
   where it always leaves it; a window left half-full by cross-step
   ``tx.update`` calls is folded into this step's mean.
 
@@ -385,26 +425,49 @@ def value_and_update(
         f' num_microbatches), got {type(tx).__name__}. Wrap your optimizer: '
         'accum_jax.accumulate(optax.adam(1e-3), num_microbatches=8).'
     )
+  num_microbatches = _window.static_num_microbatches(tx, 'value_and_update')
 
   def f(params, opt_state, batch, *args, **kwargs):
-    if not isinstance(opt_state, _accumulate.AccumulateState):
-      raise TypeError(
-          'value_and_update expects the AccumulateState made by tx.init, got '
-          f'{type(opt_state).__name__}.'
-      )
-    _accumulate.check_same_structure(params, opt_state.acc, 'params',
-                                     'accumulator')
-    sums, value_like, aux_like, grads_like = scan_microbatches(
-        loss_fn, params, batch, args, kwargs,
-        num_microbatches=tx.num_microbatches, has_aux=has_aux,
-        weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
-        stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
-        init_weight=opt_state.weight)
-    summed = opt_state._replace(acc=sums.grads, weight=sums.weight)
-    # With unit weights the window's weight is >= k > 0: no empty-window guard.
-    updates, opt_state = _accumulate.finish_window(
-        tx, summed, grads_like, params, {}, guard=weight_fn is not None)
-    value = _finish_value(sums, value_like, aux_like, has_aux, stack_aux)
+    value, updates, opt_state, _ = update_step(
+        loss_fn, tx, num_microbatches, params, opt_state, batch, args, kwargs,
+        has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
+        remat=remat)
     return value, updates, opt_state
 
   return f
+
+
+def update_step(loss_fn, tx, num_microbatches, params, opt_state, batch, args,
+                kwargs, *, has_aux, weight_fn, stack_aux, remat,
+                carry=NO_CARRY):
+  """The body of :func:`value_and_update`, with an optional ``carry``.
+
+  Returns ``(value, updates, opt_state, carry)``; the Flax helpers use it to
+  thread model state (BatchNorm statistics, RNG streams) through the loop.
+  """
+  if not isinstance(opt_state, _accumulate.AccumulateState):
+    raise TypeError(
+        'value_and_update expects the AccumulateState made by tx.init, got '
+        f'{type(opt_state).__name__}.'
+    )
+  _accumulate.check_same_structure(params, opt_state.acc, 'params',
+                                   'accumulator')
+  _config.check_state(tx, opt_state, params)
+  num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
+  sums, value_like, aux_like, grads_like = scan_microbatches(
+      loss_fn, params, batch, args, kwargs,
+      num_microbatches=num_microbatches, has_aux=has_aux,
+      weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
+      stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
+      init_weight=opt_state.weight, nonfinite=tx.nonfinite,
+      num_real=num_real, carry=carry)
+  summed = _nonfinite.count_bad(
+      opt_state._replace(acc=sums.grads, weight=sums.weight), sums.bad)
+  # With unit weights, all micro-batches real and nothing skipped, the
+  # window's weight is >= k > 0: no empty-window guard (it costs memory).
+  guard = (weight_fn is not None or num_real is not None
+           or tx.nonfinite != 'propagate')
+  updates, opt_state = _accumulate.finish_window(
+      tx, summed, grads_like, params, {}, guard=guard)
+  value = _finish_value(sums, value_like, aux_like, has_aux, stack_aux)
+  return value, updates, opt_state, sums.carry

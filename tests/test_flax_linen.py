@@ -118,7 +118,7 @@ def test_weight_fn_gives_the_full_batch_token_mean():
                                         tx=tx)
   state, loss = jax.jit(lambda s, b: accum_jax.linen_train_step(
       s, b, loss_fn, weight_fn=lambda mb: mb['mask'].sum()))(state, batch)
-  ref_loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+  ref_loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert_trees_close(state.params,
                      jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
@@ -184,6 +184,43 @@ def test_batch_stats_threaded_like_a_sequential_loop():
               make_batch(10))[0]
   assert not np.allclose(once.batch_stats['BatchNorm_0']['mean'],
                          full['BatchNorm_0']['mean'])
+
+
+def test_nonfinite_microbatch_leaves_batch_stats_untouched():
+  """With nonfinite='skip_microbatch' a NaN micro-batch is dropped from the
+  gradient mean and from the BatchNorm statistics threaded through the loop."""
+  k = 4
+  model = MLP(batch_norm=True)
+  variables = model.init(jax.random.key(2), jnp.ones((2, D)), train=False)
+  params, stats = variables['params'], variables['batch_stats']
+  tx = accum_jax.accumulate(optax.sgd(0.1), k, nonfinite='skip_microbatch')
+  state = BNState.create(apply_fn=model.apply, params=params,
+                         batch_stats=stats, tx=tx)
+
+  def loss_fn(params, mb, model_state):
+    logits, new = model.apply({'params': params, **model_state}, mb['x'],
+                              mutable=list(model_state))
+    return xent(logits, mb['y']), new
+
+  batch = make_batch(5)
+  batch['x'] = batch['x'].at[1::k].set(jnp.nan)  # all of micro-batch 1
+  state, loss = jax.jit(lambda s, b: accum_jax.linen_train_step(
+      s, b, loss_fn))(state, batch)
+
+  # Reference: the three finite micro-batches in order, micro-batch 1 absent.
+  grads, losses = [], []
+  for j in (0, 2, 3):
+    (loss_j, new), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        params, microbatch(batch, j, k), {'batch_stats': stats})
+    stats = new['batch_stats']
+    grads.append(g)
+    losses.append(loss_j)
+  mean = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+  np.testing.assert_allclose(loss, sum(losses) / 3, rtol=1e-5)
+  assert_trees_close(state.batch_stats, stats)
+  assert_trees_close(state.params,
+                     jax.tree.map(lambda p, g: p - 0.1 * g, params, mean))
+  assert int(state.opt_state.skipped_microbatches) == 1
 
 
 def test_dropout_masks_differ_between_identical_microbatches():

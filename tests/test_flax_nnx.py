@@ -104,11 +104,14 @@ def test_optimizer_update_forwards_the_token_weight():
                             wrt=nnx.Param)
   batch = make_batch(4)
   weights = (3.0, 1.0)
-  grads = [nnx.grad(loss_fn)(model, microbatch(batch, j, 2)) for j in range(2)]
+  grad_fn = nnx.jit(nnx.grad(loss_fn))
+  grads = [grad_fn(model, microbatch(batch, j, 2)) for j in range(2)]
+  update = nnx.jit(lambda opt, m, g, w: opt.update(m, g, weight=w))
   for g, w in zip(grads, weights, strict=True):
-    optimizer.update(model, g, weight=w)
+    update(optimizer, model, g, w)
   mean = jax.tree.map(lambda a, b: (3.0 * a + 1.0 * b) / 4.0, *grads)
-  nnx.Optimizer(ref, optax.sgd(0.5), wrt=nnx.Param).update(ref, mean)
+  ref_opt = nnx.Optimizer(ref, optax.sgd(0.5), wrt=nnx.Param)
+  nnx.jit(lambda opt, m, g: opt.update(m, g))(ref_opt, ref, mean)
   assert_states_close(nnx.state(model, nnx.Param), nnx.state(ref, nnx.Param))
 
 

@@ -1,0 +1,119 @@
+"""Non-finite micro-batches and the weights that decide what is accumulated.
+
+A micro-batch contributes ``weight * grads`` to the window. ``screen`` turns
+what a micro-batch produced into what is safe to add: a negative traced weight
+counts as 0, a padding micro-batch (past ``num_real_microbatches``) has weight
+0, and under the skip policies a micro-batch with a non-finite gradient, weight
+or loss has weight 0 too. Whatever is dropped is replaced by exact zeros with
+``jnp.where`` before it is multiplied, so ``0 * inf = NaN`` never reaches the
+accumulator.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+POLICIES = ('propagate', 'skip_microbatch', 'skip_step')
+
+
+def check_policy(policy: Any) -> str:
+  if policy not in POLICIES:
+    raise ValueError(
+        f'nonfinite must be one of {", ".join(map(repr, POLICIES))}; got '
+        f'{policy!r}.'
+    )
+  return policy
+
+
+def check_concrete_weight(weight: Any, what: str) -> None:
+  """Raises for a negative weight known at trace time (traced ones count as 0)."""
+  if isinstance(weight, jax.core.Tracer):
+    return
+  value = np.asarray(weight)
+  if value < 0:
+    raise ValueError(f'{what} must be >= 0, got {value.item()!r}.')
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.ones([], jnp.bool_)
+  return jnp.all(jnp.stack(leaves))
+
+
+def screen(
+    policy: str,
+    grads: Any,
+    weight: jax.Array,
+    *,
+    weighted: bool,
+    real: jax.Array | None = None,
+    value: jax.Array | None = None,
+    aux: Any = None,
+):
+  """What one micro-batch may add to the window.
+
+  Args:
+    policy: the nonfinite policy.
+    grads: the micro-batch's gradient.
+    weight: its float32 weight.
+    weighted: whether the weight came from the user (else it is 1).
+    real: bool scalar, False for a padding micro-batch.
+    value: its loss (in-step), checked for finiteness too.
+    aux: its aux (in-step), zeroed with the rest when dropped.
+
+  Returns:
+    ``(value, aux, grads, weight, bad)``: the inputs with a dropped micro-batch
+    replaced by zeros, and ``bad`` (int32 0/1, or None under ``'propagate'``)
+    telling whether it was dropped for a non-finite value.
+  """
+  w = weight
+  if weighted:
+    w = jnp.where(w < 0, jnp.zeros_like(w), w)
+  if real is not None:
+    w = jnp.where(real, w, jnp.zeros_like(w))
+  nonzero = w != 0  # True for a NaN weight: under 'propagate' NaN propagates.
+  bad = None
+  keep = nonzero
+  if policy != 'propagate':
+    finite = all_finite(grads) & jnp.isfinite(w)
+    if value is not None:
+      finite = finite & jnp.isfinite(value)
+    keep = nonzero & finite
+    bad = (nonzero & ~finite).astype(jnp.int32)
+
+  def select(x):
+    return jnp.where(keep, x, jnp.zeros_like(x))
+
+  w = select(w)
+  grads = jax.tree.map(select, grads)
+  if value is not None:
+    value = select(value)
+  if aux is not None:
+    aux = jax.tree.map(select, aux)
+  return value, aux, grads, w, bad
+
+
+def count_bad(state: Any, bad: jax.Array | None) -> Any:
+  """Adds ``bad`` dropped micro-batches to the state's counters."""
+  if bad is None:
+    return state
+  return state._replace(
+      skipped_microbatches=jnp.asarray(state.skipped_microbatches, jnp.int32)
+      + bad,
+      window_nonfinite=jnp.asarray(state.window_nonfinite, jnp.bool_)
+      | (bad > 0),
+  )
+
+
+def window_ok(policy: str, state: Any) -> jax.Array:
+  """Whether a finished window is applied: positive weight, and no non-finite
+  micro-batch under ``'skip_step'``."""
+  ok = state.weight > 0
+  if policy == 'skip_step':
+    ok = ok & ~jnp.asarray(state.window_nonfinite, jnp.bool_)
+  return ok
