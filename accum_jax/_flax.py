@@ -15,6 +15,7 @@ depends on jax and optax only).
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -315,18 +316,25 @@ def nnx_train_step(
   graphdef, params, rest = nnx.split(model, wrt, ..., graph=graph)
   params = nnx.as_pure(params)
   rest = nnx.as_pure(rest)
+  # A model with nothing but trained variables needs no carry (the plain,
+  # cheapest loop); otherwise the rest is threaded through the micro-batches.
+  stateful = bool(jax.tree.leaves(rest))
 
-  def loss(params, microbatch, rest):
-    module = nnx.merge(graphdef, params, rest)
+  def loss(params, microbatch, *state):
+    module = nnx.merge(graphdef, params, *(state or (rest,)))
     out = loss_fn(module, microbatch)
+    if not stateful:
+      return out
     _, _, new_rest = nnx.split(module, wrt, ..., graph=graph)
     return out, nnx.as_pure(new_rest)
 
   opt_state = nnx.as_pure(optimizer.opt_state)
-  value, updates, opt_state, rest = _optimizer_step(
-      loss, tx, k, params, opt_state, batch, {}, carry=rest,
-      has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux, remat=remat)
-  nnx.update(model, optax.apply_updates(params, updates), rest)
+  value, updates, opt_state, new_rest = _optimizer_step(
+      loss, tx, k, params, opt_state, batch, {},
+      carry=rest if stateful else _scan.NO_CARRY, has_aux=has_aux,
+      weight_fn=weight_fn, stack_aux=stack_aux, remat=remat)
+  nnx.update(model, optax.apply_updates(params, updates),
+             new_rest if stateful else rest)
   nnx.update(optimizer.opt_state, nnx.state(opt_state, graph=graph))
   optimizer.step[...] += 1
   return value
