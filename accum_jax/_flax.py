@@ -55,7 +55,7 @@ def _num_microbatches(tx: Any, num_microbatches: int | None, where: str,
 
 
 def _optimizer_step(loss_fn, tx, k, params, opt_state, batch, kwargs, *,
-                    carry, has_aux, weight_fn, stack_aux, remat):
+                    carry, has_aux, weight_fn, stack_aux, remat, where):
   """One optimizer step over ``batch``: ``(value, updates, opt_state, carry)``.
 
   With an accumulate ``tx`` this is :func:`accum_jax.value_and_update` (its
@@ -63,6 +63,14 @@ def _optimizer_step(loss_fn, tx, k, params, opt_state, batch, kwargs, *,
   optimizer the mean gradient is formed and ``tx.update`` applied once.
   """
   if isinstance(tx, _accumulate.AccumulateTransformation):
+    if not isinstance(opt_state, _accumulate.AccumulateState):
+      raise TypeError(
+          f'{where}.opt_state is a {type(opt_state).__name__}, not the '
+          f'AccumulateState of {where}.tx (an accumulate transform); create '
+          f'it with {where}.tx.init(params), e.g. through '
+          'TrainState.create(..., tx=...) or nnx.Optimizer(model, tx, ...), '
+          'rather than replacing tx on an existing state.'
+      )
     return _scan.update_step(
         loss_fn, tx, k, params, opt_state, batch, (), kwargs, has_aux=has_aux,
         weight_fn=weight_fn, stack_aux=stack_aux, remat=remat, carry=carry)
@@ -210,7 +218,7 @@ def linen_train_step(
   value, updates, opt_state, new_carry = _optimizer_step(
       loss_fn, tx, k, state.params, state.opt_state, batch, kwargs,
       carry=carry, has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
-      remat=remat)
+      remat=remat, where='state')
   new_state = state.replace(
       step=state.step + 1,
       params=optax.apply_updates(state.params, updates),
@@ -332,7 +340,8 @@ def nnx_train_step(
   value, updates, opt_state, new_rest = _optimizer_step(
       loss, tx, k, params, opt_state, batch, {},
       carry=rest if stateful else _scan.NO_CARRY, has_aux=has_aux,
-      weight_fn=weight_fn, stack_aux=stack_aux, remat=remat)
+      weight_fn=weight_fn, stack_aux=stack_aux, remat=remat,
+      where='optimizer')
   nnx.update(model, optax.apply_updates(params, updates),
              new_rest if stateful else rest)
   nnx.update(optimizer.opt_state, nnx.state(opt_state, graph=graph))

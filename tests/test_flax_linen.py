@@ -300,6 +300,13 @@ class TestErrors:
       accum_jax.linen_train_step(self.state(optax.adam(1e-3)), make_batch(),
                                  self.loss_fn)
 
+  def test_opt_state_not_made_by_the_accumulate_tx(self):
+    state = self.state(optax.adam(1e-3)).replace(
+        tx=accum_jax.accumulate(optax.adam(1e-3), 4))
+    with pytest.raises(TypeError, match=r'state.opt_state is a tuple, not the '
+                       r'AccumulateState of state.tx'):
+      accum_jax.linen_train_step(state, make_batch(), self.loss_fn)
+
   def test_num_microbatches_disagrees_with_accumulate(self):
     with pytest.raises(ValueError, match=r'num_microbatches=4\) but '
                        r'num_microbatches=2'):
