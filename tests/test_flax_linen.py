@@ -1,5 +1,9 @@
 """accum_jax.linen_train_step against full-batch and hand-written references."""
 
+import os
+import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -364,3 +368,25 @@ class TestErrors:
       accum_jax.linen_train_step(
           self.state(accum_jax.accumulate(optax.sgd(1.0), 4)), make_batch(),
           self.loss_fn, mutable='cache')
+
+
+def test_flax_is_imported_only_on_first_use():
+  """accum_jax depends on jax and optax only; the Flax names load lazily."""
+  code = '\n'.join([
+      'import sys',
+      'import accum_jax',
+      "assert 'flax' not in sys.modules, 'import accum_jax imported flax'",
+      "assert {'linen_train_step', 'nnx_train_step'} <= set(accum_jax.__all__)",
+      "assert 'linen_train_step' in dir(accum_jax)",
+      "sys.modules['flax'] = None  # as if Flax were not installed",
+      'try:',
+      '  accum_jax.linen_train_step',
+      'except ImportError as e:',
+      "  assert 'pip install flax' in str(e), e",
+      'else:',
+      "  raise AssertionError('no ImportError without flax')",
+  ])
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = {**os.environ, 'PYTHONPATH': str(root), 'JAX_PLATFORMS': 'cpu'}
+  subprocess.run([sys.executable, '-c', code], check=True, env=env,
+                 timeout=120)
