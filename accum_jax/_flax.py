@@ -2,11 +2,12 @@
 
 :func:`linen_train_step` takes a ``flax.training.train_state.TrainState`` (or
 a subclass with ``batch_stats``) and :func:`nnx_train_step` an NNX model and
-its ``nnx.Optimizer``. Both run the micro-batches of a batch through the core
-scan driver (:func:`accum_jax._scan.scan_microbatches`), so the split, token
-weighting, RNG folding and dtype rules of :func:`accum_jax.value_and_grad`
-apply, and thread the model's mutable state (BatchNorm statistics, NNX RNG
-streams) through the micro-batches in order.
+its ``nnx.Optimizer``. Both run the core's path: ``_scan.update_step`` (the
+body of :func:`accum_jax.value_and_update`) for an ``accumulate`` optimizer,
+``_scan.scan_microbatches`` for a plain one. So the split, token weighting,
+RNG folding, dtype and non-finite rules of the core apply, and the model's
+mutable state (BatchNorm statistics, NNX RNG streams) is threaded through the
+micro-batches in order as the scan's extra carry.
 
 Flax is imported only when these names are first used (``accum_jax`` itself
 depends on jax and optax only).
