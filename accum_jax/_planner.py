@@ -12,7 +12,8 @@ the benchmarks report, so a plan's estimate is the benchmark's number.
 
 import math
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 
@@ -156,7 +157,7 @@ class MemoryPlan(NamedTuple):
     return _table(self.candidates, self.budget_bytes, self)
 
 
-def device_memory_budget(device: Optional[jax.Device] = None) -> Optional[int]:
+def device_memory_budget(device: jax.Device | None = None) -> int | None:
   """The device's reported memory capacity in bytes, or ``None`` if unknown.
 
   Reads ``bytes_limit`` from ``device.memory_stats()`` (GPU and TPU report it;
@@ -178,6 +179,9 @@ def remat_name(remat: Any) -> str:
     return 'none'
   if remat is True:
     return 'full'
+  names = getattr(remat, 'saveable_names', None)  # save_only_these_names
+  if names is not None:
+    return f'save_only_these_names({", ".join(sorted(names))})'
   return getattr(remat, '__name__', None) or repr(remat)
 
 
@@ -217,10 +221,10 @@ def plan_microbatches(
     *args: Any,
     batch_argnum: int,
     donate_argnums: Sequence[int] | int = (),
-    budget_bytes: Optional[int] = None,
-    num_microbatches: Optional[Sequence[int]] = None,
+    budget_bytes: int | None = None,
+    num_microbatches: Sequence[int] | None = None,
     remat: Sequence[Any] = (None, True),
-    print_fn: Optional[Callable[[str], Any]] = print,
+    print_fn: Callable[[str], Any] | None = print,
     **kwargs: Any,
 ) -> MemoryPlan:
   """Picks the fewest micro-batches (and cheapest remat) whose step fits.
