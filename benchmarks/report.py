@@ -1,5 +1,6 @@
 """Markdown tables, target checks and PNG plots from a benchmark result."""
 
+import math
 import os
 import statistics
 from typing import Any
@@ -47,7 +48,7 @@ def target_rows(result):
   out = []
   for (model, dtype), rows in _groups(result['rows']).items():
     acc = [r for r in rows if r['contender'] == 'accum'
-           and r['time_vs_scan'] is not None]
+           and r['memory_vs_scan'] is not None]
     multi = [r for r in acc if r['k'] > 1]
     if not multi:
       continue
@@ -58,8 +59,8 @@ def target_rows(result):
     out.append({
         'model': model, 'dtype': dtype,
         'time_vs_scan_median': statistics.median(
-            r['time_vs_scan'] for r in multi),
-        'time_vs_scan_max': max(r['time_vs_scan'] for r in multi),
+            r['time_vs_scan'] or math.nan for r in multi),
+        'time_vs_scan_max': max(r['time_vs_scan'] or math.nan for r in multi),
         'memory_vs_scan_max': max(r['memory_vs_scan'] for r in multi),
         'memory_vs_scan_k1': one['memory_vs_scan'] if one else None,
         'memory_vs_multisteps_max': max(vs_ms) if vs_ms else None,

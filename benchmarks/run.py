@@ -52,7 +52,8 @@ def parse_args(argv=None):
   p.add_argument('--size', choices=sorted(models_lib.SIZES), default='small',
                  help='model and batch sizes (default: %(default)s)')
   p.add_argument('--models', default='mlp,lm,cnn')
-  p.add_argument('--dtypes', default='float32,bfloat16')
+  p.add_argument('--dtypes', default='float32',
+                 help='comma-separated: float32,bfloat16 (default: %(default)s)')
   p.add_argument('--ks', default='1,2,4,8,16')
   p.add_argument('--contenders', default=','.join(contenders_lib.DEFAULT),
                  help='comma-separated (default: %(default)s), from: '
@@ -60,7 +61,8 @@ def parse_args(argv=None):
   p.add_argument('--jobs', type=int, default=os.cpu_count() or 1,
                  help='contenders compiled at once (default: %(default)s)')
   p.add_argument('--reps', type=int, default=5,
-                 help='timed optimizer steps per contender and cell')
+                 help='timed optimizer steps per contender and cell (0: '
+                 'compile and measure memory only)')
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--learning-rate', type=float, default=1e-3)
   p.add_argument('--allocator-peak', choices=('auto', 'on', 'off'),
@@ -220,20 +222,22 @@ def run_grid(args, env):
                  for key in args.contenders]
         if full is not None:
           full.times = []
-        time_cells(cells, args.reps, args.warmup)
+        if args.reps:
+          time_cells(cells, args.reps, args.warmup)
         ref = next((c for c in cells if c.key == REFERENCE), None)
-        ref_time = statistics.median(ref.times) if ref else None
+        ref_time = statistics.median(ref.times) if ref and ref.times else None
         ref_peak = ref.memory.peak_bytes if ref else None
         for cell in cells:
-          median = statistics.median(cell.times)
+          times = cell.times or [float('nan')]  # --reps 0: memory only
+          median = statistics.median(times)
           row = {
               'model': model.name, 'model_kind': model_name,
               'dtype': dtype_name, 'batch_size': batch_size, 'k': k,
               'contender': cell.key, 'contender_name': cell.name,
               'cross_step': cell.cross_step,
               'param_bytes': model.param_bytes,
-              'median_s': median, 'p25_s': percentile(cell.times, 25),
-              'p75_s': percentile(cell.times, 75), 'min_s': min(cell.times),
+              'median_s': median, 'p25_s': percentile(times, 25),
+              'p75_s': percentile(times, 75), 'min_s': min(times),
               'times_s': cell.times,
               'time_vs_scan': median / ref_time if ref_time else None,
               'peak_bytes': cell.memory.peak_bytes,
