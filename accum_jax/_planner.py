@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from accum_jax import _accumulate
+
 
 class CompiledMemory(NamedTuple):
   """What XLA reports for one compiled function.
@@ -216,6 +218,17 @@ def _leading_size(tree: Any, argnum: int) -> int:
   return size
 
 
+def _without_accumulate_config(tree: Any) -> Any:
+  def strip(x):
+    if isinstance(x, _accumulate.AccumulateState):
+      return x._replace(config=None)
+    return x
+
+  return jax.tree.map(
+      strip, tree,
+      is_leaf=lambda x: isinstance(x, _accumulate.AccumulateState))
+
+
 def plan_microbatches(
     make_step: Callable[[int, Any], Callable[..., Any]],
     *args: Any,
@@ -243,7 +256,9 @@ def plan_microbatches(
       e.g. one built with :func:`accum_jax.value_and_update` on
       ``accumulate(inner, num_microbatches)`` with ``remat=remat``. Its state
       structure must not depend on ``k`` (an :class:`AccumulateState` does
-      not), so the same example ``args`` serve every ``k``.
+      not: the ``k`` it records is ignored here), so the same example
+      ``args`` serve every ``k``. Train with a state made by the planned
+      transform's ``init``.
     *args: example arguments of the step (arrays or ``ShapeDtypeStruct``).
     batch_argnum: the position of the batch in ``args``; its leaves' shared
       leading size is the batch size.
@@ -314,6 +329,10 @@ def plan_microbatches(
   if not remat:
     raise ValueError('remat must name at least one option, e.g. (None,).')
 
+  # An AccumulateState records the k it was made with, and the drivers check
+  # it; the example state stands for every k tried, so its record is dropped.
+  args = _without_accumulate_config(args)
+  kwargs = _without_accumulate_config(kwargs)
   candidates = []
   chosen = None
   for k in ks:

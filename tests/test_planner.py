@@ -36,9 +36,11 @@ def example():
   rng = np.random.default_rng(0)
   params = [jnp.asarray(rng.normal(size=(WIDTH, WIDTH)) / 8, jnp.float32)
             for _ in range(DEPTH)]
+  # One example state stands for every k (as in plan_microbatches, which
+  # drops the k recorded in an AccumulateState for the same reason).
   opt_state = accum_jax.accumulate(optax.adam(1e-3), 1).init(params)
   batch = jax.ShapeDtypeStruct((B, WIDTH), jnp.float32)
-  return params, opt_state, batch
+  return params, opt_state._replace(config=None), batch
 
 
 def xla_peak(fn, *args):
@@ -167,7 +169,8 @@ def test_estimate_matches_the_benchmark_figure():
   model = models.make('mlp', 'tiny', jnp.float32)
   inner = optax.adam(1e-3)
   make = contenders.make_accum_step(model, inner)
-  opt_state = accum_jax.accumulate(inner, 1).init(model.params)
+  opt_state = accum_jax.accumulate(inner, 1).init(model.params)._replace(
+      config=None)
   args = (model.params, opt_state, model.state, model.batch,
           jax.random.key(1))
   peaks = {k: accum_jax.compiled_memory(make(k, None), *args,
