@@ -268,6 +268,18 @@ def _weighted_mean(a, weights, total, axes):
           / safe.astype(wide)).astype(a.dtype)
 
 
+def _weight_of(weight_fn, microbatch):
+  if weight_fn is None:
+    return jnp.ones([], jnp.float32)
+  weight = weight_fn(microbatch)
+  if jnp.ndim(weight) != 0:
+    raise ValueError(
+        'weight_fn must return a scalar weight per micro-batch, got an array '
+        f'of shape {jnp.shape(weight)}.'
+    )
+  return jnp.asarray(weight, jnp.float32)
+
+
 def _plain(like):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), like)
 
@@ -305,37 +317,60 @@ def scan(
       index = jax.lax.axis_index(axes)
       kwargs = {**kwargs, rng_kwarg: jax.tree.map(
           lambda key: jax.random.fold_in(key, index), kwargs[rng_kwarg])}
-    fn = loss_fn
+    gathered = loss_fn
+    scattered = not per_step and any(len(s) for s in jax.tree.leaves(specs))
     if per_step:
       params = jax.tree.map(_gather, params, specs)
-    elif any(len(s) for s in jax.tree.leaves(specs)):
+    elif scattered:
 
-      def fn(shards, microbatch, *a, **kw):
+      def gathered(shards, microbatch, *a, **kw):
         return loss_fn(jax.tree.map(_gather, shards, specs), microbatch, *a,
                        **kw)
 
-    if stack_aux and has_aux:
-      inner = fn
+    # With the gradient reduce-scattered inside the differentiated function,
+    # each device's weight must be applied before that reduction: the loss is
+    # pre-weighted and the loop sums with unit weights. The weights also
+    # travel as aux when the aux is stacked (for the mean over devices).
+    pre_weight = scattered and (weight_fn is not None or has_aux)
+    carry_weight = pre_weight or (stack_aux and has_aux)
+    fn = gathered
+    if carry_weight:
 
       def fn(p, microbatch, *a, **kw):
-        value, aux = inner(p, microbatch, *a, **kw)
-        weight = (jnp.ones([], jnp.float32) if weight_fn is None
-                  else jnp.asarray(weight_fn(microbatch), jnp.float32))
+        out = gathered(p, microbatch, *a, **kw)
+        value, aux = out if has_aux else (out, None)
+        weight = _weight_of(weight_fn, microbatch)
+        if pre_weight:
+          likes['value'] = jax.ShapeDtypeStruct(jnp.shape(value),
+                                                jnp.result_type(value))
+          value = weight.astype(jnp.result_type(value)) * value
+          if not stack_aux:
+            aux = jax.tree.map(
+                lambda x: weight.astype(x.dtype) * x
+                if jnp.issubdtype(x.dtype, jnp.floating) else x, aux)
         return value, (aux, weight)
 
     # Invariant (replicated) params would get a psum in the loop body.
     params = jax.tree.map(lambda p: to_varying(p, axes), params)
     sums, value_like, aux_like, grads_like = local_scan(
-        fn, params, batch, args, kwargs, has_aux=has_aux, weight_fn=weight_fn,
-        stack_aux=stack_aux, **options)
-    likes.update(value=value_like, aux=aux_like, grads=grads_like)
+        fn, params, batch, args, kwargs, has_aux=has_aux or carry_weight,
+        weight_fn=None if pre_weight else weight_fn, stack_aux=stack_aux,
+        **options)
+    likes.setdefault('value', value_like)
+    likes.update(aux=aux_like[0] if carry_weight else aux_like,
+                 grads=grads_like)
     grads = jax.tree.map(
         lambda g, s: _reduce_grad(g, s, axes, scatter=per_step), sums.grads,
         specs)
-    aux = sums.aux
-    if stack_aux and has_aux:
+    aux, weight = sums.aux, sums.weight
+    if carry_weight:
       aux, weights = aux
-      likes['aux'] = aux_like[0]
+      if pre_weight:
+        weight = jnp.sum(weights) if stack_aux else weights
+      if not has_aux:
+        aux = likes['aux'] = None
+    if stack_aux and has_aux:
+      # Per micro-batch, the weighted mean over the devices, as over the loop.
       total = _psum(weights, axes)
       aux = jax.tree.map(
           lambda a: _weighted_mean(a, weights, total, axes)
@@ -344,7 +379,7 @@ def scan(
     elif aux is not None:
       # Weighted sums (floats), counts (ints), any (bools): sum over devices.
       aux = jax.tree.map(lambda a: _reduce_leaf(a, axes), aux)
-    return grads, _psum(sums.weight, axes), _psum(sums.value, axes), aux
+    return grads, _psum(weight, axes), _psum(sums.value, axes), aux
 
   if plan_.inside:
     run = device_fn
