@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from accum_jax import _split
+
 FSDP_REDUCE = ('per_microbatch', 'per_step')
 
 
@@ -208,7 +210,6 @@ def plan(
         f'The batch axes {axes} are partly manual ({tuple(manual)}) in this '
         'shard_map; make all of them manual, or none.'
     )
-  from accum_jax import _split  # local: _split imports nothing from here
   size = _split.batch_size(batch, num_microbatches)
   if not inside and size % (num_shards * num_microbatches):
     raise ValueError(

@@ -177,10 +177,11 @@ def update_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
       ps = put(mesh, make_params(), pspecs)
       bs = put(mesh, batch, jax.tree.map(lambda _: P(rec.data_axes), batch))
       state = jax.jit(tx.init)(ps)
-      counts = rec.counts(step, ps, state, bs)
-      # jit (not the compiled object): with an Auto model axis the state's
-      # sharding after the first step is the partitioner's choice.
-      jstep = jax.jit(step, donate_argnums=(0, 1))
+      jstep, counts = rec.compile(step, ps, state, bs, donate=(0, 1))
+      if AxisType.Auto in mesh.axis_types:
+        # With an Auto model axis the state's sharding after the first step
+        # is the partitioner's choice: let jit recompile for it.
+        jstep = jax.jit(step, donate_argnums=(0, 1))
       for _ in range(3):
         ps, state, _ = jstep(ps, state, bs)
     rec.record(f'{prefix}/update/k{k}', ps, ref_p, counts,
