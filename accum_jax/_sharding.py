@@ -281,6 +281,18 @@ def _weight_of(weight_fn, microbatch):
   return jnp.asarray(weight, jnp.float32)
 
 
+def _global_like(param, grad_like):
+  """The gradient's global shape, dtype and (explicit) sharding: zeros made
+  from it (an empty window's updates) match the real updates' type."""
+  sharding = None
+  if _known_spec(param) is not None:
+    mesh = jax.typeof(param).sharding.mesh
+    if AxisType.Explicit in mesh.axis_types:
+      sharding = jax.typeof(param).sharding
+  return jax.ShapeDtypeStruct(jnp.shape(param), grad_like.dtype,
+                              sharding=sharding)
+
+
 def _plain(like):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), like)
 
@@ -395,8 +407,6 @@ def scan(
     # A window left part-full before this call joins this step's sums.
     grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), init_grads, grads)
     weight = init_weight + weight
-  grads_like = jax.tree.map(
-      lambda p, g: jax.ShapeDtypeStruct(jnp.shape(p), g.dtype), params,
-      likes['grads'])
+  grads_like = jax.tree.map(_global_like, params, likes['grads'])
   sums = sums_type(grads, weight, value, aux)
   return sums, _plain(likes['value']), _plain(likes['aux']), grads_like

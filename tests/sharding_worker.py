@@ -225,6 +225,15 @@ def weighted_aux_checks(rec, mesh, pspecs, prefix, k=4, **options):
                [want_value, want_grads, jnp.stack(per_j),
                 jnp.stack([jnp.sum(m[j::k]) for j in range(k)]),
                 jnp.stack([jnp.any(m[j::k] > 0) for j in range(k)])])
+    # The weighted update path (its empty-window guard builds zeros that must
+    # match the updates' sharding).
+    tx = accum_jax.accumulate(optax.sgd(0.5), k)
+    f = accum_jax.value_and_update(token_loss, tx, weight_fn=token_weight,
+                                   **options)
+    value, updates, _ = jax.jit(f)(ps, jax.jit(tx.init)(ps), bs)
+    rec.record(f'{prefix}/token_update', [value, updates],
+               [want_value, jax.tree.map(lambda g: -0.5 * g, want_grads)],
+               update_specs=specs_of(updates), param_specs=specs_of(ps))
 
 
 def dp_extra(rec, mesh):

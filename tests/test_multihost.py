@@ -2,6 +2,7 @@
 accumulated adam steps on a global batch built from per-process rows; the
 parameters must equal a single-process full-batch run."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -15,8 +16,10 @@ import optax
 import pytest
 
 HERE = pathlib.Path(__file__).parent
-sys.path.insert(0, str(HERE))
-import multihost_worker as worker  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    'multihost_worker', HERE / 'multihost_worker.py')
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
 
 TIMEOUT_S = 100
 

@@ -148,6 +148,23 @@ def test_2d_fsdp_keeps_shardings(results):
   assert inside['all-reduce'] == inside['all-to-all'] == 0
 
 
+def _spec(text):
+  """'P(None, 'data', None)' -> ('None', "'data'"): trailing Nones dropped."""
+  entries = [e.strip() for e in text[2:-1].split(',')]
+  while entries and entries[-1] in ('None', ''):
+    entries.pop()
+  return tuple(entries)
+
+
+@pytest.mark.parametrize('name', ('dp/token_update',
+                                  'fsdp_per_microbatch/token_update',
+                                  'fsdp_per_step/token_update'))
+def test_weighted_update_keeps_param_sharding(results, name):
+  record = results[name.split('/')[0].split('_per')[0]][name]
+  assert ([_spec(s) for s in record['update_specs']]
+          == [_spec(s) for s in record['param_specs']])
+
+
 def test_mesh_errors(results):
   errors = results['dp']['errors']
   assert errors['indivisible'].startswith('ValueError: The batch size 64 is '
