@@ -210,7 +210,7 @@ def _scan_local(
       # Padding micro-batches are not computed at all.
       value, aux, grads, weight = jax.lax.cond(
           index < num_real, one, lambda _: jax.tree.map(
-              lambda s: jnp.zeros(s.shape, s.dtype), outs_like), index)
+              _sharding.zeros_like_struct, outs_like), index)
     bad = None
     if screened:
       value, aux, grads, weight, bad = _nonfinite.screen(

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from accum_jax import _split
+from accum_jax import _nonfinite, _split
 
 FSDP_REDUCE = ('per_microbatch', 'per_step')
 
@@ -98,6 +98,13 @@ def to_varying(x, axes: tuple[str, ...]):
   """``x`` marked device-varying over ``axes`` (a no-op at run time)."""
   missing = tuple(a for a in axes if a not in varying_axes(x))
   return jax.lax.pcast(x, missing, to='varying') if missing else x
+
+
+def zeros_like_struct(like: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros of ``like``'s shape and dtype, device-varying where it is."""
+  zeros = jnp.zeros(like.shape, like.dtype)
+  axes = tuple(varying_axes(like))
+  return to_varying(zeros, axes) if axes else zeros
 
 
 def match_carry(body: Callable[..., Any], init: Any) -> Any:
@@ -278,7 +285,10 @@ def _weight_of(weight_fn, microbatch):
         'weight_fn must return a scalar weight per micro-batch, got an array '
         f'of shape {jnp.shape(weight)}.'
     )
-  return jnp.asarray(weight, jnp.float32)
+  _nonfinite.check_concrete_weight(weight, 'The weight_fn weight')
+  weight = jnp.asarray(weight, jnp.float32)
+  # As in the loop: a traced negative weight counts as 0.
+  return jnp.where(weight < 0, jnp.zeros_like(weight), weight)
 
 
 def _global_like(param, grad_like):
@@ -322,16 +332,25 @@ def scan(
   axes = plan_.axes
   specs = plan_.param_specs
   per_step = plan_.fsdp_reduce == 'per_step'
+  scattered = not per_step and any(len(s) for s in jax.tree.leaves(specs))
+  nonfinite = options.get('nonfinite', 'propagate')
+  if scattered and nonfinite != 'propagate':
+    raise ValueError(
+        f"nonfinite={nonfinite!r} with parameters sharded over the batch axes "
+        f"{axes} needs fsdp_reduce='per_step': with 'per_microbatch' a "
+        'gradient is reduce-scattered before it can be screened, so no device '
+        'sees a whole micro-batch gradient.'
+    )
+  num_real = options.pop('num_real', None)
   likes = {}
 
-  def device_fn(params, batch, args, kwargs):
+  def device_fn(params, batch, args, kwargs, num_real):
     if kwargs.get(rng_kwarg) is not None:
       # Devices draw independent keys for their rows of a micro-batch.
       index = jax.lax.axis_index(axes)
       kwargs = {**kwargs, rng_kwarg: jax.tree.map(
           lambda key: jax.random.fold_in(key, index), kwargs[rng_kwarg])}
     gathered = loss_fn
-    scattered = not per_step and any(len(s) for s in jax.tree.leaves(specs))
     if per_step:
       params = jax.tree.map(_gather, params, specs)
     elif scattered:
@@ -368,7 +387,7 @@ def scan(
     sums, value_like, aux_like, grads_like = local_scan(
         fn, params, batch, args, kwargs, has_aux=has_aux or carry_weight,
         weight_fn=None if pre_weight else weight_fn, stack_aux=stack_aux,
-        **options)
+        num_real=num_real, **options)
     likes.setdefault('value', value_like)
     likes.update(aux=aux_like[0] if carry_weight else aux_like,
                  grads=grads_like)
@@ -392,21 +411,22 @@ def scan(
     elif aux is not None:
       # Weighted sums (floats), counts (ints), any (bools): sum over devices.
       aux = jax.tree.map(lambda a: _reduce_leaf(a, axes), aux)
-    return grads, _psum(weight, axes), _psum(sums.value, axes), aux
+    bad = None if sums.bad is None else _psum(sums.bad, axes)
+    return grads, _psum(weight, axes), _psum(sums.value, axes), aux, bad
 
   if plan_.inside:
     run = device_fn
   else:
     run = jax.shard_map(
         device_fn, mesh=plan_.mesh,
-        in_specs=(specs, P(axes), P(), P()),
-        out_specs=(specs, P(), P(), P()),
+        in_specs=(specs, P(axes), P(), P(), P()),
+        out_specs=(specs, P(), P(), P(), P()),
         axis_names=frozenset(axes))
-  grads, weight, value, aux = run(params, batch, args, kwargs)
+  grads, weight, value, aux, bad = run(params, batch, args, kwargs, num_real)
   if init_grads is not None:
     # A window left part-full before this call joins this step's sums.
     grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), init_grads, grads)
     weight = init_weight + weight
   grads_like = jax.tree.map(_global_like, params, likes['grads'])
-  sums = sums_type(grads, weight, value, aux)
+  sums = sums_type(grads, weight, value, aux, bad)
   return sums, _plain(likes['value']), _plain(likes['aux']), grads_like

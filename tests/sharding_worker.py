@@ -306,10 +306,41 @@ def dp_extra(rec, mesh):
     got, counts = rec.run(naive_value_and_grad(loss_fn, k), ps, bs)
     rec.record('dp/naive', got, want, counts)
 
+    # Ragged window: micro-batches 2 and 3 of 4 are padding.
+    real = jax.tree.map(lambda x: x[(np.arange(B) % k) < 2], batch)
+    got = jax.jit(accum_jax.value_and_grad(loss_fn, k))(
+        ps, bs, num_real_microbatches=2)
+    rec.record('dp/ragged', got, jax.value_and_grad(loss_fn)(params, real))
+
+    # Non-finite policies: a NaN row on device 0; with 'skip_microbatch' the
+    # share of micro-batch 1 on that device is dropped, with 'skip_step' the
+    # whole step is skipped on every device.
+    bad_batch = {**batch, 'x': batch['x'].at[1, 0].set(jnp.nan)}
+    bad_bs = put(mesh, bad_batch, jax.tree.map(lambda _: data, batch))
+    kept = np.ones(B, bool)
+    kept[[r for r in range(B // 8) if r % k == 1]] = False  # that share
+    for policy in ('skip_microbatch', 'skip_step'):
+      tx = accum_jax.accumulate(optax.sgd(1.0), k, nonfinite=policy)
+      f = accum_jax.value_and_update(loss_fn, tx)
+      _, updates, state = jax.jit(f)(ps, jax.jit(tx.init)(ps), bad_bs)
+      if policy == 'skip_step':
+        want_updates = jax.tree.map(jnp.zeros_like, params)
+      else:
+        # Each of the other 8 * k - 1 shares keeps its weight of 1.
+        shares = jax.tree.map(lambda x: x[kept], batch)
+        want_updates = jax.tree.map(lambda g: -g, jax.grad(loss_fn)(
+            params, shares))
+      rec.record(f'dp/nonfinite_{policy}',
+                 [updates, state.skipped_microbatches, state.skipped_steps],
+                 [want_updates, 1, int(policy == 'skip_step')])
+
     # No mesh at all (one device): the plain path, unchanged.
     rec.record('dp/one_device', jax.jit(accum_jax.value_and_grad(
         loss_fn, k))(params, batch), want)
 
+    fsdp_ps = put(mesh, params, jax.tree.map(lambda _: data, params))
+    fsdp_state = accum_jax.accumulate(optax.sgd(1.0), 2,
+                                      nonfinite='skip_step').init(fsdp_ps)
     errors = {}
     for name, fn in {
         'indivisible': lambda: accum_jax.value_and_grad(loss_fn, 16)(ps, bs),
@@ -317,6 +348,10 @@ def dp_extra(rec, mesh):
             loss_fn, 2, axis_name='batch')(ps, bs),
         'bad_fsdp': lambda: accum_jax.value_and_grad(
             loss_fn, 2, fsdp_reduce='sometimes')(ps, bs),
+        'fsdp_skip': lambda: accum_jax.value_and_update(
+            loss_fn, accum_jax.accumulate(optax.sgd(1.0), 2,
+                                          nonfinite='skip_step'))(
+            fsdp_ps, fsdp_state, bs),
     }.items():
       try:
         jax.jit(fn)()

@@ -173,6 +173,9 @@ def test_mesh_errors(results):
   assert errors['bad_axis'].startswith(
       "ValueError: axis_name='batch' names axes ['batch']")
   assert errors['bad_fsdp'].startswith('ValueError: fsdp_reduce must be one')
+  assert errors['fsdp_skip'].startswith(
+      "ValueError: nonfinite='skip_step' with parameters sharded over the "
+      "batch axes ('data',) needs fsdp_reduce='per_step'")
 
 
 def _loss(w, batch):
