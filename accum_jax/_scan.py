@@ -308,10 +308,10 @@ def value_and_grad(
     some mesh axes (the *batch axes*, read from the batch's sharding), every
     device accumulates its own rows and the gradients are reduced across
     devices **once**, after the loop, whatever ``k``. Each device's share of
-    a micro-batch is weighted like a micro-batch of its own (the sum of
-    ``w L`` over all devices and micro-batches, divided by the global sum of
-    ``w``), which for mean losses, with or without token-count weights, is
-    the full-batch value. Parameters sharded over a batch axis (FSDP) get
+    a micro-batch counts as a piece of its own, of weight ``weight_fn(share)``
+    (or ``1 / shards``): the result is the sum of ``w L`` over all devices
+    and micro-batches divided by the global sum of ``w``, which for mean
+    losses, with or without token-count weights, is the full-batch value. Parameters sharded over a batch axis (FSDP) get
     their gradients in their own sharding, reduce-scattered once per
     micro-batch into a sharded accumulator (``fsdp_reduce='per_microbatch'``,
     the default) or once per step from a local unsharded accumulator

@@ -423,6 +423,20 @@ def scan(
         out_specs=(specs, P(), P(), P(), P()),
         axis_names=frozenset(axes))
   grads, weight, value, aux, bad = run(params, batch, args, kwargs, num_real)
+  if weight_fn is None:
+    # Unit weights: a device's share of a micro-batch weighs 1 / num_shards,
+    # so a micro-batch weighs 1 as on one device (the mean is unchanged, and
+    # a window left part-full by cross-step updates is weighted the same).
+    scale = 1.0 / plan_.num_shards
+
+    def shrink(x):
+      return x * jnp.asarray(scale, x.dtype)
+
+    grads, weight, value = jax.tree.map(shrink, (grads, weight, value))
+    if aux is not None and not stack_aux:
+      aux = jax.tree.map(
+          lambda a: shrink(a) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+          aux)
   if init_grads is not None:
     # A window left part-full before this call joins this step's sums.
     grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), init_grads, grads)

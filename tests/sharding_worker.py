@@ -306,6 +306,18 @@ def dp_extra(rec, mesh):
     got, counts = rec.run(naive_value_and_grad(loss_fn, k), ps, bs)
     rec.record('dp/naive', got, want, counts)
 
+    # A window left part-full by one cross-step update joins the step with
+    # weight 1 against the k micro-batches (as on one device).
+    tx = accum_jax.accumulate(optax.sgd(1.0), k)
+    g0 = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params)
+    _, state = jax.jit(tx.update)(put(mesh, g0, jax.tree.map(
+        lambda _: P(), params)), jax.jit(tx.init)(ps), ps)
+    _, updates, _ = jax.jit(accum_jax.value_and_update(loss_fn, tx))(
+        ps, state, bs)
+    full = jax.grad(loss_fn)(params, batch)
+    rec.record('dp/part_full_window', updates,
+               jax.tree.map(lambda a, g: -(a + k * g) / (1 + k), g0, full))
+
     # Ragged window: micro-batches 2 and 3 of 4 are padding.
     real = jax.tree.map(lambda x: x[(np.arange(B) % k) < 2], batch)
     got = jax.jit(accum_jax.value_and_grad(loss_fn, k))(
