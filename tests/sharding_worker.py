@@ -370,6 +370,14 @@ def dp_extra(rec, mesh):
         errors[name] = None
       except (ValueError, TypeError) as e:
         errors[name] = f'{type(e).__name__}: {e}'
+    mesh2 = jax.make_mesh((4, 2), ('a', 'b'))
+    with jax.set_mesh(mesh2):
+      mixed = put(mesh2, batch, {'x': P('a'), 'y': P('b'), 'mask': P('a')})
+      try:
+        jax.jit(accum_jax.value_and_grad(loss_fn, 2))(params, mixed)
+        errors['mixed_axes'] = None
+      except ValueError as e:
+        errors['mixed_axes'] = f'{type(e).__name__}: {e}'
     rec.out['errors'] = errors
 
 
