@@ -175,7 +175,7 @@ def test_mesh_errors(results):
   assert errors['bad_fsdp'].startswith('ValueError: fsdp_reduce must be one')
   assert errors['mixed_axes'].startswith(
       'ValueError: The batch leaves are sharded over different mesh axes '
-      "along the batch dimension (['x']: ('a',), ['y']: ('b',))")
+      "along the batch dimension (['mask']: ('a',), ['y']: ('b',))")
   assert errors['fsdp_skip'].startswith(
       "ValueError: nonfinite='skip_step' with parameters sharded over the "
       "batch axes ('data',) needs fsdp_reduce='per_step'")
