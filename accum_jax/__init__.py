@@ -5,6 +5,8 @@ one jitted step, and apply the optimizer once, with the same numbers as the
 full-batch step at the memory of one micro-batch.
 """
 
+import importlib
+
 from accum_jax._accumulate import accumulate
 from accum_jax._accumulate import AccumulateState
 from accum_jax._accumulate import AccumulateTransformation
@@ -15,11 +17,32 @@ from accum_jax._window import flush
 
 __version__ = '0.1.0'
 
+# Flax is an optional dependency: these names import it on first use.
+_LAZY = {
+    'linen_train_step': 'accum_jax._flax',
+    'nnx_train_step': 'accum_jax._flax',
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = (
     'AccumulateState',
     'AccumulateTransformation',
     'accumulate',
     'flush',
+    'linen_train_step',
+    'nnx_train_step',
     'split_batch',
     'value_and_grad',
     'value_and_update',

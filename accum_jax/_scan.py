@@ -28,6 +28,11 @@ class _Sums(NamedTuple):
   value: jax.Array  # sum_j w_j L_j, float32
   aux: Any  # reduced aux (see _reduce_aux), or None
   bad: Any = None  # int32 count of micro-batches dropped as non-finite
+  carry: Any = None  # extra state threaded through loss_fn (see `carry`)
+
+
+# Marks "no extra carry": ``None`` is itself a valid (empty) carry pytree.
+NO_CARRY = object()
 
 
 def _fold_rng(kwargs: dict[str, Any], index: jax.Array) -> dict[str, Any]:
@@ -71,11 +76,22 @@ def _finish_aux(carry, aux_like, total_weight):
   return jax.tree.map(finish, carry, aux_like)
 
 
-def _wrap_loss(loss_fn, has_aux, remat):
-  """Returns ``(params, mb, args, kwargs) -> ((value, aux), grads)``."""
+def _wrap_loss(loss_fn, has_aux, remat, has_carry=False):
+  """Returns ``(params, mb, args, kwargs) -> ((value, (aux, carry)), grads)``."""
 
   def loss(params, microbatch, args, kwargs):
     out = loss_fn(params, microbatch, *args, **kwargs)
+    new_carry = None
+    if has_carry:
+      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            'With a carried state, loss_fn must return (out, new_state), where '
+            'out is the loss (or (loss, aux) with has_aux=True); got '
+            f'{type(out).__name__}'
+            + (f' of length {len(out)}' if isinstance(out, (tuple, list))
+               else '') + '.'
+        )
+      out, new_carry = out
     if has_aux:
       if not (isinstance(out, (tuple, list)) and len(out) == 2):
         if isinstance(out, (tuple, list)):
@@ -105,7 +121,7 @@ def _wrap_loss(loss_fn, has_aux, remat):
       raise TypeError(
           f'loss_fn must return a floating loss, got {jnp.result_type(value)}.'
       )
-    return value, aux
+    return value, (aux, new_carry)
 
   if remat is not None and remat is not False:
     policy = None if remat is True else remat
@@ -130,24 +146,32 @@ def scan_microbatches(
     init_weight: Optional[jax.Array] = None,
     nonfinite: str = 'propagate',
     num_real: Optional[jax.Array] = None,
+    carry: Any = NO_CARRY,
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
 ):
   """Runs ``loss_fn`` on every micro-batch of ``batch`` in one ``lax.scan``.
 
+  With ``carry`` (a pytree, e.g. BatchNorm statistics), micro-batch ``j`` is
+  evaluated as ``loss_fn(params, microbatch_j, carry_j, *args, **kwargs)``
+  and must return ``(out, carry_{j+1})``: the state is threaded through the
+  micro-batches in order, and ``sums.carry`` holds the last one. The carry is
+  not differentiated; a padding micro-batch, or one dropped as non-finite,
+  leaves it unchanged.
+
   On a mesh whose batch axes shard ``batch`` (see :mod:`accum_jax._sharding`)
   each device scans its own rows and the sums are reduced once, after the loop.
 
   Returns:
     ``(sums, value_like, aux_like, grads_like)``: the weighted sums, the
-    abstract value, aux and gradient of one micro-batch (for dtypes).
+    abstract loss, aux and gradient of one micro-batch (for dtypes).
     ``sums.aux`` is the stacked aux when ``stack_aux``.
   """
   options = dict(num_microbatches=num_microbatches, has_aux=has_aux,
                  weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
                  stack_aux=stack_aux, remat=remat, nonfinite=nonfinite,
-                 num_real=num_real)
+                 num_real=num_real, carry=carry)
   plan = _sharding.plan(mesh, axis_name, fsdp_reduce, params, batch,
                         num_microbatches)
   if plan is None:
@@ -156,34 +180,39 @@ def scan_microbatches(
   return _sharding.scan(plan, _scan_local, loss_fn, params, batch, args,
                         kwargs, **options, init_grads=init_grads,
                         init_weight=init_weight, rng_kwarg=RNG_KWARG,
-                        sums_type=_Sums)
+                        sums_type=_Sums, no_carry=NO_CARRY)
 
 
 def _scan_local(
     loss_fn, params, batch, args, kwargs, *, num_microbatches, has_aux,
     weight_fn, accumulator_dtype, stack_aux, remat, init_grads=None,
-    init_weight=None, nonfinite='propagate', num_real=None,
+    init_weight=None, nonfinite='propagate', num_real=None, carry=NO_CARRY,
 ):
   """:func:`scan_microbatches` on the rows this device holds."""
   k = num_microbatches
   _accumulate.check_floating(params, 'Params')
   reshaped = _split.reshape_batch(batch, k)
-  grad_fn = _wrap_loss(loss_fn, has_aux, remat)
+  has_carry = carry is not NO_CARRY
+  grad_fn = _wrap_loss(loss_fn, has_aux, remat, has_carry)
 
-  def one(index):
+  def one(index, state):
     microbatch = _split.take_microbatch(reshaped, index)
-    (value, aux), grads = grad_fn(params, microbatch, args,
-                                  _fold_rng(kwargs, index))
+    extra = (state,) if has_carry else ()
+    (value, (aux, new_state)), grads = grad_fn(
+        params, microbatch, extra + tuple(args), _fold_rng(kwargs, index))
     if weight_fn is None:
       weight = jnp.ones([], jnp.float32)
     else:
       weight = _check_weight_fn_output(weight_fn(microbatch))
-    return value, aux, grads, weight
+    return value, aux, grads, weight, new_state
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
-  outs_like = jax.eval_shape(one, index0)
+  carry0 = carry if has_carry else None
+  *outs_like, carry_like = jax.eval_shape(one, index0, carry0)
   value_like, aux_like, grads_like, _ = outs_like
   _accumulate.check_floating(grads_like, 'Gradient')
+  if has_carry:
+    _check_carry(carry_like, carry0)
 
   if init_grads is None:
     init_grads = jax.tree.map(
@@ -197,7 +226,7 @@ def _scan_local(
         lambda a: jnp.zeros(a.shape, _aux_sum_dtype(a.dtype)), aux_like)
   bad0 = None if nonfinite == 'propagate' else jnp.zeros([], jnp.int32)
   init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0,
-               bad0)
+               bad0, carry0)
   # Without weights, padding or a skip policy every micro-batch adds w=1.
   screened = (weight_fn is not None or num_real is not None
               or nonfinite != 'propagate')
@@ -205,18 +234,22 @@ def _scan_local(
   @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(sums, index):
     if num_real is None:
-      value, aux, grads, weight = one(index)
+      value, aux, grads, weight, state = one(index, sums.carry)
     else:
       # Padding micro-batches are not computed at all.
-      value, aux, grads, weight = jax.lax.cond(
-          index < num_real, one, lambda _: jax.tree.map(
-              _sharding.zeros_like_struct, outs_like), index)
+      value, aux, grads, weight, state = jax.lax.cond(
+          index < num_real, one, lambda _, state: (*jax.tree.map(
+              _sharding.zeros_like_struct, outs_like), state),
+          index, sums.carry)
     bad = None
     if screened:
       value, aux, grads, weight, bad = _nonfinite.screen(
           nonfinite, grads, weight, weighted=weight_fn is not None,
           real=None if num_real is None else index < num_real, value=value,
           aux=aux)
+      if has_carry and bad is not None:  # a dropped micro-batch: keep state
+        state = jax.tree.map(lambda old, new: jnp.where(bad > 0, old, new),
+                             sums.carry, state)
     new = _Sums(
         grads=_accumulate.add_weighted(sums.grads, grads, weight),
         weight=sums.weight + weight,
@@ -224,6 +257,7 @@ def _scan_local(
         aux=(None if sums.aux is None
              else _reduce_aux_step(sums.aux, aux, weight)),
         bad=None if sums.bad is None else sums.bad + bad,
+        carry=state,
     )
     return new, (aux if stack_aux else None)
 
@@ -232,6 +266,25 @@ def _scan_local(
   if stack_aux:
     sums = sums._replace(aux=stacked)
   return sums, value_like, aux_like, grads_like
+
+
+def _check_carry(new_like, carry):
+  """The state loss_fn returns must match the state it was given."""
+  if jax.tree.structure(new_like) != jax.tree.structure(carry):
+    raise ValueError(
+        'loss_fn must return its new state with the structure of the state it '
+        f'was given:\n  given: {jax.tree.structure(carry)}\n  returned: '
+        f'{jax.tree.structure(new_like)}'
+    )
+  for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(new_like),
+                              jax.tree.leaves(carry), strict=True):
+    if (jnp.shape(new), jnp.result_type(new)) != (jnp.shape(old),
+                                                  jnp.result_type(old)):
+      raise ValueError(
+          f'loss_fn returned state leaf {jax.tree_util.keystr(path)} with '
+          f'shape {jnp.shape(new)} and dtype {jnp.result_type(new)}, but it was'
+          f' given shape {jnp.shape(old)} and dtype {jnp.result_type(old)}.'
+      )
 
 
 def _check_weight_fn_output(weight):
@@ -311,11 +364,11 @@ def value_and_grad(
     a micro-batch counts as a piece of its own, of weight ``weight_fn(share)``
     (or ``1 / shards``): the result is the sum of ``w L`` over all devices
     and micro-batches divided by the global sum of ``w``, which for mean
-    losses, with or without token-count weights, is the full-batch value. Parameters sharded over a batch axis (FSDP) get
-    their gradients in their own sharding, reduce-scattered once per
-    micro-batch into a sharded accumulator (``fsdp_reduce='per_microbatch'``,
-    the default) or once per step from a local unsharded accumulator
-    (``'per_step'``). The ``rng`` key is also folded with the device's index
+    losses, with or without token-count weights, is the full-batch value.
+    Parameters sharded over a batch axis (FSDP) get their gradients in their
+    own sharding, reduce-scattered once per micro-batch into a sharded
+    accumulator (``fsdp_reduce='per_microbatch'``, the default) or once per
+    step from a local unsharded accumulator (``'per_step'``). The ``rng`` key is also folded with the device's index
     along the batch axes. See ``docs/scaling.md``.
 
   Args:
@@ -437,32 +490,48 @@ def value_and_update(
   num_microbatches = _window.static_num_microbatches(tx, 'value_and_update')
 
   def f(params, opt_state, batch, *args, **kwargs):
-    if not isinstance(opt_state, _accumulate.AccumulateState):
-      raise TypeError(
-          'value_and_update expects the AccumulateState made by tx.init, got '
-          f'{type(opt_state).__name__}.'
-      )
-    _accumulate.check_same_structure(params, opt_state.acc, 'params',
-                                     'accumulator')
-    _config.check_state(tx, opt_state, params)
-    num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
-    sums, value_like, aux_like, grads_like = scan_microbatches(
-        loss_fn, params, batch, args, kwargs,
-        num_microbatches=num_microbatches, has_aux=has_aux,
-        weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
-        stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
-        init_weight=opt_state.weight, nonfinite=tx.nonfinite,
-        num_real=num_real, mesh=mesh, axis_name=axis_name,
-        fsdp_reduce=fsdp_reduce)
-    summed = _nonfinite.count_bad(
-        opt_state._replace(acc=sums.grads, weight=sums.weight), sums.bad)
-    # With unit weights, all micro-batches real and nothing skipped, the
-    # window's weight is >= k > 0: no empty-window guard (it costs memory).
-    guard = (weight_fn is not None or num_real is not None
-             or tx.nonfinite != 'propagate')
-    updates, opt_state = _accumulate.finish_window(
-        tx, summed, grads_like, params, {}, guard=guard)
-    value = _finish_value(sums, value_like, aux_like, has_aux, stack_aux)
+    value, updates, opt_state, _ = update_step(
+        loss_fn, tx, num_microbatches, params, opt_state, batch, args, kwargs,
+        has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
+        remat=remat, mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
     return value, updates, opt_state
 
   return f
+
+
+def update_step(loss_fn, tx, num_microbatches, params, opt_state, batch, args,
+                kwargs, *, has_aux, weight_fn, stack_aux, remat,
+                carry=NO_CARRY, mesh=None, axis_name=None,
+                fsdp_reduce='per_microbatch'):
+  """The body of :func:`value_and_update`, with an optional ``carry``.
+
+  Returns ``(value, updates, opt_state, carry)``; the Flax helpers use it to
+  thread model state (BatchNorm statistics, RNG streams) through the loop.
+  """
+  if not isinstance(opt_state, _accumulate.AccumulateState):
+    raise TypeError(
+        'value_and_update expects the AccumulateState made by tx.init, got '
+        f'{type(opt_state).__name__}.'
+    )
+  _accumulate.check_same_structure(params, opt_state.acc, 'params',
+                                   'accumulator')
+  _config.check_state(tx, opt_state, params)
+  num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
+  sums, value_like, aux_like, grads_like = scan_microbatches(
+      loss_fn, params, batch, args, kwargs,
+      num_microbatches=num_microbatches, has_aux=has_aux,
+      weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
+      stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
+      init_weight=opt_state.weight, nonfinite=tx.nonfinite,
+      num_real=num_real, carry=carry, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce)
+  summed = _nonfinite.count_bad(
+      opt_state._replace(acc=sums.grads, weight=sums.weight), sums.bad)
+  # With unit weights, all micro-batches real and nothing skipped, the
+  # window's weight is >= k > 0: no empty-window guard (it costs memory).
+  guard = (weight_fn is not None or num_real is not None
+           or tx.nonfinite != 'propagate')
+  updates, opt_state = _accumulate.finish_window(
+      tx, summed, grads_like, params, {}, guard=guard)
+  value = _finish_value(sums, value_like, aux_like, has_aux, stack_aux)
+  return value, updates, opt_state, sums.carry

@@ -267,6 +267,18 @@ def _reduce_leaf(a, axes):
   return _psum(a, axes)
 
 
+def _agree(x, axes):
+  """One value of a carried state for all devices: a state that depends on
+  the device's rows (e.g. BatchNorm statistics) is averaged over the devices
+  if floating, its maximum taken otherwise (counters)."""
+  varying = tuple(a for a in axes if a in varying_axes(x))
+  if not varying:
+    return x
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return jax.lax.pmean(x, varying)
+  return jax.lax.pmax(x, varying)
+
+
 def _weighted_mean(a, weights, total, axes):
   """Per micro-batch (leading axis) weighted mean over the devices."""
   w = weights.reshape(weights.shape + (1,) * (a.ndim - 1))
@@ -323,6 +335,7 @@ def scan(
     init_weight: jax.Array | None,
     rng_kwarg: str,
     sums_type: Any,
+    no_carry: Any = None,
     **options: Any,
 ):
   """``local_scan`` on every device's rows, reduced once after the loop.
@@ -342,9 +355,11 @@ def scan(
         'sees a whole micro-batch gradient.'
     )
   num_real = options.pop('num_real', None)
+  carry = options.pop('carry', no_carry)
+  has_carry = carry is not no_carry
   likes = {}
 
-  def device_fn(params, batch, args, kwargs, num_real):
+  def device_fn(params, batch, args, kwargs, num_real, carry):
     if kwargs.get(rng_kwarg) is not None:
       # Devices draw independent keys for their rows of a micro-batch.
       index = jax.lax.axis_index(axes)
@@ -387,7 +402,8 @@ def scan(
     sums, value_like, aux_like, grads_like = local_scan(
         fn, params, batch, args, kwargs, has_aux=has_aux or carry_weight,
         weight_fn=None if pre_weight else weight_fn, stack_aux=stack_aux,
-        num_real=num_real, **options)
+        num_real=num_real, **options,
+        **({'carry': carry} if has_carry else {}))
     likes.setdefault('value', value_like)
     likes.update(aux=aux_like[0] if carry_weight else aux_like,
                  grads=grads_like)
@@ -412,17 +428,20 @@ def scan(
       # Weighted sums (floats), counts (ints), any (bools): sum over devices.
       aux = jax.tree.map(lambda a: _reduce_leaf(a, axes), aux)
     bad = None if sums.bad is None else _psum(sums.bad, axes)
-    return grads, _psum(weight, axes), _psum(sums.value, axes), aux, bad
+    new_carry = jax.tree.map(lambda c: _agree(c, axes), sums.carry)
+    return (grads, _psum(weight, axes), _psum(sums.value, axes), aux, bad,
+            new_carry)
 
   if plan_.inside:
     run = device_fn
   else:
     run = jax.shard_map(
         device_fn, mesh=plan_.mesh,
-        in_specs=(specs, P(axes), P(), P(), P()),
-        out_specs=(specs, P(), P(), P(), P()),
+        in_specs=(specs, P(axes), P(), P(), P(), P()),
+        out_specs=(specs, P(), P(), P(), P(), P()),
         axis_names=frozenset(axes))
-  grads, weight, value, aux, bad = run(params, batch, args, kwargs, num_real)
+  grads, weight, value, aux, bad, new_carry = run(
+      params, batch, args, kwargs, num_real, carry if has_carry else None)
   if weight_fn is None:
     # Unit weights: a device's share of a micro-batch weighs 1 / num_shards,
     # so a micro-batch weighs 1 as on one device (the mean is unchanged, and
@@ -442,5 +461,6 @@ def scan(
     grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), init_grads, grads)
     weight = init_weight + weight
   grads_like = jax.tree.map(_global_like, params, likes['grads'])
-  sums = sums_type(grads, weight, value, aux, bad)
+  sums = sums_type(grads, weight, value, aux, bad,
+                   new_carry if has_carry else None)
   return sums, _plain(likes['value']), _plain(likes['aux']), grads_like

@@ -24,7 +24,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
-from accum_jax import _hlo  # noqa: E402
+from accum_jax import _hlo, _scan  # noqa: E402
 
 B = 64
 KS = (1, 2, 4, 8)
@@ -317,6 +317,25 @@ def dp_extra(rec, mesh):
     full = jax.grad(loss_fn)(params, batch)
     rec.record('dp/part_full_window', updates,
                jax.tree.map(lambda a, g: -(a + k * g) / (1 + k), g0, full))
+
+    # A state threaded through the micro-batches (as the Flax helpers do for
+    # BatchNorm statistics): each device threads its own, then they are
+    # averaged, which for this running mean equals the one-device state.
+    def stat_loss(p, b, state):
+      return loss_fn(p, b), 0.9 * state + 0.1 * jnp.mean(b['x'], axis=0)
+
+    def stat_step(p, s, b, c, tx=tx):
+      return _scan.update_step(stat_loss, tx, k, p, s, b, (), {},
+                               has_aux=False, weight_fn=None, stack_aux=False,
+                               remat=None, carry=c)
+
+    _, updates, _, carried = jax.jit(stat_step)(
+        ps, jax.jit(tx.init)(ps), bs, jnp.zeros(16))
+    want_carry = jnp.zeros(16)
+    for j in range(k):
+      want_carry = 0.9 * want_carry + 0.1 * jnp.mean(batch['x'][j::k], axis=0)
+    rec.record('dp/carry', [updates, carried],
+               [jax.tree.map(lambda g: -g, full), want_carry])
 
     # Ragged window: micro-batches 2 and 3 of 4 are padding.
     real = jax.tree.map(lambda x: x[(np.arange(B) % k) < 2], batch)
