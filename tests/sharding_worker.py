@@ -337,6 +337,32 @@ def dp_extra(rec, mesh):
     rec.record('dp/carry', [updates, carried],
                [jax.tree.map(lambda g: -g, full), want_carry])
 
+    # The Flax Linen helper runs on the same path: 2 steps on the mesh equal
+    # 2 full-batch adam steps on one device.
+    import flax.linen as nn
+    from flax.training import train_state
+
+    model = nn.Dense(8)
+    fparams = model.init(jax.random.key(1), jnp.ones((1, 16)))['params']
+
+    def flax_loss(p, b):
+      return jnp.mean((model.apply({'params': p}, b['x']) - b['y']) ** 2)
+
+    ref = train_state.TrainState.create(apply_fn=model.apply, params=fparams,
+                                        tx=optax.adam(1e-2))
+    for _ in range(2):
+      ref = ref.apply_gradients(grads=jax.grad(flax_loss)(ref.params, batch))
+    fstate = train_state.TrainState.create(
+        apply_fn=model.apply, params=put(mesh, fparams, jax.tree.map(
+            lambda _: P(), fparams)),
+        tx=accum_jax.accumulate(optax.adam(1e-2), k))
+    fstep = jax.jit(lambda st, b: accum_jax.linen_train_step(st, b, flax_loss))
+    for _ in range(2):
+      fstate, _ = fstep(fstate, bs)
+    rec.record('dp/linen', fstate.params, ref.params,
+               rec.counts(lambda st, b: accum_jax.linen_train_step(
+                   st, b, flax_loss), fstate, bs))
+
     # Ragged window: micro-batches 2 and 3 of 4 are padding.
     real = jax.tree.map(lambda x: x[(np.arange(B) % k) < 2], batch)
     got = jax.jit(accum_jax.value_and_grad(loss_fn, k))(

@@ -87,7 +87,8 @@ def test_data_parallel_reduces_once_outside_the_loop(results, api, k):
   assert set(record['param_specs']) <= {'P()', 'P(None, None)', 'P(None,)'}
 
 
-@pytest.mark.parametrize('name', ('auto/named', 'dp/in_shard_map'))
+@pytest.mark.parametrize('name', ('auto/named', 'dp/in_shard_map',
+                                  'dp/linen'))
 def test_named_axis_reduces_once(results, name):
   counts = results['dp'][name]['counts']['all']
   assert counts['inside'] == NONE
