@@ -10,6 +10,11 @@ import importlib
 from accum_jax._accumulate import accumulate
 from accum_jax._accumulate import AccumulateState
 from accum_jax._accumulate import AccumulateTransformation
+from accum_jax._planner import compiled_memory
+from accum_jax._planner import CompiledMemory
+from accum_jax._planner import MemoryPlan
+from accum_jax._planner import PlanCandidate
+from accum_jax._planner import plan_microbatches
 from accum_jax._scan import value_and_grad
 from accum_jax._scan import value_and_update
 from accum_jax._split import split_batch
@@ -39,10 +44,15 @@ def __dir__():
 __all__ = (
     'AccumulateState',
     'AccumulateTransformation',
+    'CompiledMemory',
+    'MemoryPlan',
+    'PlanCandidate',
     'accumulate',
     'flush',
     'linen_train_step',
     'nnx_train_step',
+    'compiled_memory',
+    'plan_microbatches',
     'split_batch',
     'value_and_grad',
     'value_and_update',

@@ -1,0 +1,349 @@
+"""Ahead-of-time memory figures, and a planner that picks ``k`` and remat.
+
+Everything here compiles ahead (``jax.jit(...).lower(...).compile()``) and
+reads XLA's own figures; nothing is ever run. The peak of a compiled step is
+
+  argument + output + temporaries - aliased
+
+bytes from ``memory_analysis()``: with the params and optimizer state donated
+(``donate_argnums``), the aliased outputs are counted once. This is the figure
+the benchmarks report, so a plan's estimate is the benchmark's number.
+"""
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+
+
+class CompiledMemory(NamedTuple):
+  """What XLA reports for one compiled function.
+
+  Attributes:
+    argument_bytes: bytes of the arguments (the batch, params, state...).
+    output_bytes: bytes of the outputs.
+    temp_bytes: bytes of the temporaries (activations, loop carries...).
+    alias_bytes: bytes of outputs written into donated argument buffers.
+    peak_bytes: ``argument + output + temp - alias``.
+    flops: the compiled ``cost_analysis()`` flop count (``nan`` when the
+      backend does not report it).
+    compile_seconds: wall time of ``lower(...).compile()``.
+  """
+
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  peak_bytes: int
+  flops: float
+  compile_seconds: float
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return math.nan
+  return float(cost['flops'])
+
+
+def compiled_memory(
+    fn: Callable[..., Any],
+    *args: Any,
+    donate_argnums: Sequence[int] | int = (),
+    static_argnums: Sequence[int] | int = (),
+    **kwargs: Any,
+) -> CompiledMemory:
+  """Compiles ``fn(*args, **kwargs)`` ahead and returns its memory figures.
+
+  Args:
+    fn: the function to compile (a plain function or a ``jax.jit`` one), or
+      an already compiled ``jax.stages.Compiled`` (then pass no arguments;
+      ``compile_seconds`` is ``nan``).
+    *args: example arguments: arrays or ``jax.ShapeDtypeStruct``\\ s.
+    donate_argnums: the positional arguments whose buffers are donated (e.g.
+      the params and optimizer state of a train step).
+    static_argnums: positional arguments that are static.
+    **kwargs: example keyword arguments.
+
+  Returns:
+    A :class:`CompiledMemory`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import accum_jax
+    >>> x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    >>> m = accum_jax.compiled_memory(lambda x: x * 2.0, x, donate_argnums=0)
+    >>> m.peak_bytes  # input and output share one donated buffer
+    262144
+  """
+  if isinstance(fn, jax.stages.Compiled):
+    if args or kwargs:
+      raise TypeError(
+          'compiled_memory got a compiled function and example arguments; '
+          'pass either a function and its arguments, or a Compiled alone.'
+      )
+    compiled, seconds = fn, math.nan
+  else:
+    start = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=donate_argnums,
+                       static_argnums=static_argnums).lower(
+                           *args, **kwargs).compile()
+    seconds = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  if stats is None:
+    raise RuntimeError(
+        f'The {jax.default_backend()} backend gives no memory_analysis() for '
+        'compiled functions, so no peak memory can be estimated.'
+    )
+  peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return CompiledMemory(
+      argument_bytes=int(stats.argument_size_in_bytes),
+      output_bytes=int(stats.output_size_in_bytes),
+      temp_bytes=int(stats.temp_size_in_bytes),
+      alias_bytes=int(stats.alias_size_in_bytes),
+      peak_bytes=int(peak),
+      flops=_flops(compiled),
+      compile_seconds=seconds,
+  )
+
+
+class PlanCandidate(NamedTuple):
+  """One ``(k, remat)`` the planner compiled.
+
+  Attributes:
+    num_microbatches: ``k``.
+    remat: the remat option passed to ``make_step``.
+    peak_bytes: the compiled peak (see :func:`compiled_memory`).
+    flops: the compiled flop count (recomputation shows up here).
+    fits: whether ``peak_bytes <= budget_bytes``.
+    memory: the full :class:`CompiledMemory`.
+  """
+
+  num_microbatches: int
+  remat: Any
+  peak_bytes: int
+  flops: float
+  fits: bool
+  memory: CompiledMemory
+
+
+class MemoryPlan(NamedTuple):
+  """The plan chosen by :func:`plan_microbatches`.
+
+  Attributes:
+    num_microbatches: the chosen ``k``, the smallest that fits.
+    remat: the chosen remat option: among those that fit at that ``k``, the
+      one with the fewest compiled flops (least recomputation).
+    peak_bytes: the chosen step's compiled peak.
+    flops: the chosen step's compiled flop count.
+    budget_bytes: the budget the plan was made for.
+    candidates: every :class:`PlanCandidate` compiled, in the order tried.
+  """
+
+  num_microbatches: int
+  remat: Any
+  peak_bytes: int
+  flops: float
+  budget_bytes: int
+  candidates: tuple[PlanCandidate, ...]
+
+  def table(self) -> str:
+    """The candidates as a fixed-width text table."""
+    return _table(self.candidates, self.budget_bytes, self)
+
+
+def device_memory_budget(device: jax.Device | None = None) -> int | None:
+  """The device's reported memory capacity in bytes, or ``None`` if unknown.
+
+  Reads ``bytes_limit`` from ``device.memory_stats()`` (GPU and TPU report it;
+  the CPU backend reports nothing).
+  """
+  device = jax.devices()[0] if device is None else device
+  try:
+    stats = device.memory_stats()
+  except Exception:  # a backend without memory stats raises
+    return None
+  if not stats or 'bytes_limit' not in stats:
+    return None
+  return int(stats['bytes_limit'])
+
+
+def remat_name(remat: Any) -> str:
+  """A short printable name for a remat option."""
+  if remat is None or remat is False:
+    return 'none'
+  if remat is True:
+    return 'full'
+  names = getattr(remat, 'saveable_names', None)  # save_only_these_names
+  if names is not None:
+    return f'save_only_these_names({", ".join(sorted(names))})'
+  return getattr(remat, '__name__', None) or repr(remat)
+
+
+def _mib(n: float) -> str:
+  return f'{n / 2**20:.2f} MiB'
+
+
+def _table(candidates, budget, chosen=None) -> str:
+  lines = [f'{"k":>4}  {"remat":<36}  {"peak":>14}  {"GFLOP":>10}  fits'
+           f'   (budget {_mib(budget)})']
+  for c in candidates:
+    mark = ''
+    if (chosen is not None and c.num_microbatches == chosen.num_microbatches
+        and c.remat is chosen.remat):
+      mark = '  <- chosen'
+    lines.append(
+        f'{c.num_microbatches:>4}  {remat_name(c.remat):<36}  '
+        f'{_mib(c.peak_bytes):>14}  {c.flops / 1e9:>10.3f}  '
+        f'{"yes" if c.fits else "no":<4}{mark}')
+  return '\n'.join(lines)
+
+
+def _leading_size(tree: Any, argnum: int) -> int:
+  sizes = {jax.numpy.shape(x)[0] for x in jax.tree.leaves(tree)
+           if jax.numpy.ndim(x) > 0}
+  if len(sizes) != 1:
+    raise ValueError(
+        f'Argument {argnum} (batch_argnum) must be a pytree whose leaves share '
+        f'a leading batch axis; found leading sizes {sorted(sizes)}.'
+    )
+  (size,) = sizes
+  return size
+
+
+def plan_microbatches(
+    make_step: Callable[[int, Any], Callable[..., Any]],
+    *args: Any,
+    batch_argnum: int,
+    donate_argnums: Sequence[int] | int = (),
+    budget_bytes: int | None = None,
+    num_microbatches: Sequence[int] | None = None,
+    remat: Sequence[Any] = (None, True),
+    print_fn: Callable[[str], Any] | None = print,
+    **kwargs: Any,
+) -> MemoryPlan:
+  """Picks the fewest micro-batches (and cheapest remat) whose step fits.
+
+  For ``k`` in increasing order (by default every divisor of the batch size)
+  and each option in ``remat``, compiles ``make_step(k, remat_option)`` ahead
+  on ``args`` and reads its peak memory (:func:`compiled_memory`: argument +
+  output + temporaries - aliased). The first ``k`` with a step that fits the
+  budget wins; among the options that fit at that ``k``, the one with the
+  fewest compiled flops (the least recomputation) is chosen, ties going to the
+  earlier option. Larger ``k`` are not compiled. The step is never run, so
+  ``args`` can be ``jax.ShapeDtypeStruct``\\ s.
+
+  Args:
+    make_step: ``make_step(num_microbatches, remat)`` returning a train step,
+      e.g. one built with :func:`accum_jax.value_and_update` on
+      ``accumulate(inner, num_microbatches)`` with ``remat=remat``. Its state
+      structure must not depend on ``k`` (an :class:`AccumulateState` does
+      not), so the same example ``args`` serve every ``k``.
+    *args: example arguments of the step (arrays or ``ShapeDtypeStruct``).
+    batch_argnum: the position of the batch in ``args``; its leaves' shared
+      leading size is the batch size.
+    donate_argnums: the donated arguments, as the step is jitted in training
+      (typically the params and optimizer state).
+    budget_bytes: the memory budget; by default the device's reported capacity
+      (:func:`device_memory_budget`), which the CPU backend does not report.
+    num_microbatches: the ``k`` to try; by default the divisors of the batch
+      size. Each must divide it.
+    remat: the remat options to try at each ``k`` (``None``, ``True`` or
+      ``jax.checkpoint_policies`` policies), in order of preference.
+    print_fn: prints the table of candidates; ``None`` to stay quiet.
+    **kwargs: example keyword arguments of the step.
+
+  Returns:
+    A :class:`MemoryPlan`.
+
+  Raises:
+    ValueError: if no budget is given and the device reports none, if a ``k``
+      does not divide the batch size, or if nothing tried fits (the message
+      has the table).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import accum_jax
+    >>> def loss_fn(w, batch):
+    ...   return jnp.mean(jnp.tanh(batch @ w) ** 2)
+    >>> def make_step(k, remat):
+    ...   tx = accum_jax.accumulate(optax.sgd(0.1), k)
+    ...   grad_step = accum_jax.value_and_update(loss_fn, tx, remat=remat)
+    ...   def step(w, opt_state, batch):
+    ...     loss, updates, opt_state = grad_step(w, opt_state, batch)
+    ...     return optax.apply_updates(w, updates), opt_state, loss
+    ...   return step
+    >>> w = jnp.zeros((64, 64))
+    >>> opt_state = accum_jax.accumulate(optax.sgd(0.1), 1).init(w)
+    >>> batch = jax.ShapeDtypeStruct((512, 64), jnp.float32)
+    >>> plan = accum_jax.plan_microbatches(
+    ...     make_step, w, opt_state, batch, batch_argnum=2,
+    ...     donate_argnums=(0, 1), budget_bytes=400_000, remat=(None,),
+    ...     print_fn=None)
+    >>> plan.num_microbatches, plan.peak_bytes <= 400_000
+    (2, True)
+  """
+  if budget_bytes is None:
+    budget_bytes = device_memory_budget()
+    if budget_bytes is None:
+      raise ValueError(
+          f'The {jax.default_backend()} backend reports no memory capacity; '
+          'pass budget_bytes= explicitly.'
+      )
+  if not 0 <= batch_argnum < len(args):
+    raise ValueError(
+        f'batch_argnum={batch_argnum} is out of range for {len(args)} '
+        'positional arguments.'
+    )
+  size = _leading_size(args[batch_argnum], batch_argnum)
+  if num_microbatches is None:
+    ks = [k for k in range(1, size + 1) if size % k == 0]
+  else:
+    ks = sorted(set(int(k) for k in num_microbatches))
+    bad = [k for k in ks if k < 1 or size % k]
+    if bad:
+      raise ValueError(
+          f'num_microbatches {bad} do not divide the batch size {size}.'
+      )
+  remat = tuple(remat)
+  if not remat:
+    raise ValueError('remat must name at least one option, e.g. (None,).')
+
+  candidates = []
+  chosen = None
+  for k in ks:
+    fits = []
+    for option in remat:
+      memory = compiled_memory(make_step(k, option), *args,
+                               donate_argnums=donate_argnums, **kwargs)
+      candidate = PlanCandidate(k, option, memory.peak_bytes, memory.flops,
+                                memory.peak_bytes <= budget_bytes, memory)
+      candidates.append(candidate)
+      if candidate.fits:
+        fits.append(candidate)
+    if fits:
+      # Fewest flops, NaN (unreported) last; ties keep the listed order.
+      chosen = min(fits, key=lambda c: (math.isnan(c.flops),
+                                        0.0 if math.isnan(c.flops)
+                                        else c.flops))
+      break
+
+  candidates = tuple(candidates)
+  if chosen is None:
+    raise ValueError(
+        f'No plan fits the budget of {budget_bytes} bytes '
+        f'({_mib(budget_bytes)}): even k={ks[-1]} with remat options '
+        f'{[remat_name(r) for r in remat]} needs '
+        f'{_mib(min(c.peak_bytes for c in candidates))}. Tried:\n'
+        + _table(candidates, budget_bytes)
+    )
+  plan = MemoryPlan(chosen.num_microbatches, chosen.remat, chosen.peak_bytes,
+                    chosen.flops, int(budget_bytes), candidates)
+  if print_fn is not None:
+    print_fn(plan.table())
+  return plan
