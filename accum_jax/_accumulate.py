@@ -282,8 +282,9 @@ def accumulate(
   takes ``end_window``, a (traceable) bool that ends the window after this
   micro-step whatever its length, normalised by the weight seen; see also
   :func:`accum_jax.flush`. A negative ``weight`` raises when it is concrete
-  and counts as 0 when traced; a micro-batch of weight 0 contributes nothing,
-  even if its gradient is NaN.
+  and counts as 0 when traced. A micro-batch of weight 0 adds ``0 * grads``
+  (exact zeros unless the gradient is non-finite; the skip policies drop it
+  whatever its gradient).
 
   Non-finite values (``nonfinite=``): ``'propagate'`` does plain arithmetic,
   so a NaN/Inf gradient reaches the update. ``'skip_microbatch'`` drops a

@@ -4,9 +4,10 @@ A micro-batch contributes ``weight * grads`` to the window. ``screen`` turns
 what a micro-batch produced into what is safe to add: a negative traced weight
 counts as 0, a padding micro-batch (past ``num_real_microbatches``) has weight
 0, and under the skip policies a micro-batch with a non-finite gradient, weight
-or loss has weight 0 too. Whatever is dropped is replaced by exact zeros with
-``jnp.where`` before it is multiplied, so ``0 * inf = NaN`` never reaches the
-accumulator.
+or loss has weight 0 too. Under the skip policies whatever is dropped is
+replaced by exact zeros with ``jnp.where`` before it is multiplied, so
+``0 * inf = NaN`` never reaches the accumulator; ``'propagate'`` is plain
+arithmetic on the gradient (``0 * grads``).
 """
 
 from typing import Any
@@ -90,7 +91,12 @@ def screen(
     return jnp.where(keep, x, jnp.zeros_like(x))
 
   w = select(w)
-  grads = jax.tree.map(select, grads)
+  if policy != 'propagate':
+    # Under 'propagate' the gradient is left alone: a select here would keep
+    # a scatter (embedding) gradient in a buffer of its own instead of adding
+    # it into the carry in place. A weight-0 micro-batch then adds 0 * grads,
+    # which is exact zeros unless its gradient is non-finite.
+    grads = jax.tree.map(select, grads)
   if value is not None:
     value = select(value)
   if aux is not None:

@@ -211,7 +211,10 @@ def _scan_local(
     if weight_fn is None:
       weight = jnp.ones([], jnp.float32)
     else:
+      # Clamped here, before it seeds the backward pass: a traced negative
+      # weight counts as 0.
       weight = _check_weight_fn_output(weight_fn(microbatch))
+      weight = jnp.where(weight < 0, jnp.zeros_like(weight), weight)
     if prescale:
       (_, (value, (aux, new_state))), grads = scaled_grad_fn(
           params, microbatch, extra + tuple(args), _fold_rng(kwargs, index),
@@ -379,7 +382,9 @@ def value_and_grad(
     traced int32 scalar, taken out of ``**kwargs``) marks micro-batches ``r,
     ..., k-1`` as padding: they are not computed, have weight 0, and the
     result is that of the ``r`` real ones, with one compilation for every
-    ``r``. A micro-batch of weight 0 adds exact zeros even if its loss is NaN.
+    ``r``. A micro-batch of weight 0 from ``weight_fn`` adds ``0 * grads``:
+    exact zeros unless its gradient is non-finite (guard a token mean's
+    denominator, or use a skip policy, which drops it whatever its gradient).
   * **Mesh.** Under ``jax.jit`` with a mesh set (``with
     jax.set_mesh(mesh):``) and a batch sharded along its leading axis over
     some mesh axes (the *batch axes*, read from the batch's sharding), every

@@ -53,9 +53,15 @@ def row_losses(params, x):
 
 
 def weighted_loss(params, batch):
-  """Weighted row mean within a batch: sum(w l) / sum(w) (NaN for all-0 w)."""
+  """Weighted row mean within a batch: sum(w l) / sum(w) (0 for all-0 w).
+
+  The denominator is guarded, as a token mean's should be: under the default
+  'propagate' policy a weight-0 micro-batch adds 0 * grads, so a 0/0 loss
+  would reach the accumulator as NaN.
+  """
   rows = row_losses(params, batch['x'])
-  return jnp.sum(batch['w'] * rows) / jnp.sum(batch['w'])
+  total = jnp.sum(batch['w'])
+  return jnp.sum(batch['w'] * rows) / jnp.where(total > 0, total, 1.0)
 
 
 def mean_loss(params, batch):

@@ -119,8 +119,13 @@ def test_num_real_must_be_an_integer_scalar():
     f(make_params(), make_batch(), num_real_microbatches=jnp.float32(2))
 
 
-def test_weight_zero_padding_microbatch_with_nan_loss():
-  """A fully padded micro-batch has a 0/0 token-mean loss; weight 0 drops it."""
+@pytest.mark.parametrize('policy', ['skip_microbatch', 'skip_step'])
+def test_weight_zero_padding_microbatch_with_nan_loss(policy):
+  """A fully padded micro-batch has a 0/0 token-mean loss; weight 0 drops it.
+
+  Under the skip policies only: 'propagate' adds 0 * NaN (plain arithmetic),
+  which keeps a scatter gradient in place in the carry.
+  """
 
   def token_loss(params, batch):
     err = (batch['x'] @ params['w'] + params['b'] - batch['y']) ** 2
@@ -130,10 +135,12 @@ def test_weight_zero_padding_microbatch_with_nan_loss():
   batch = make_batch()
   mask = jnp.ones(B).at[jnp.arange(B) % K == 3].set(0.0).at[0].set(0.0)
   batch = {**batch, 'mask': mask}
-  tx = accum_jax.accumulate(optax.sgd(1.0), K)
-  loss, updates, _ = accum_jax.value_and_update(
+  tx = accum_jax.accumulate(optax.sgd(1.0), K, nonfinite=policy)
+  loss, updates, state = accum_jax.value_and_update(
       token_loss, tx, weight_fn=lambda mb: jnp.sum(mb['mask']))(
           params, tx.init(params), batch)
+  assert int(state.skipped_microbatches) == 0  # weight 0: not a skip
+  assert int(state.skipped_steps) == 0
   ref_loss, ref_grads = jax.value_and_grad(token_loss)(params, batch)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   assert_tree_close(updates, jax.tree.map(lambda g: -g, ref_grads))
