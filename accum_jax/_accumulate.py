@@ -349,10 +349,10 @@ def accumulate(
     check_floating(params, 'Params')
     return AccumulateState(
         count=jnp.zeros([], jnp.int32),
+        # zeros_like keeps a sharded parameter's sharding (explicit axes).
         acc=jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p),
-                                acc_dtype(jnp.result_type(p),
-                                          accumulator_dtype)), params),
+            lambda p: jnp.zeros_like(p, acc_dtype(jnp.result_type(p),
+                                                  accumulator_dtype)), params),
         weight=jnp.zeros([], jnp.float32),
         inner_state=inner.init(params),
         step=jnp.zeros([], jnp.int32),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from accum_jax import _accumulate
 from accum_jax import _config
 from accum_jax import _nonfinite
+from accum_jax import _sharding
 from accum_jax import _split
 from accum_jax import _window
 
@@ -155,6 +156,9 @@ def scan_microbatches(
     nonfinite: str = 'propagate',
     num_real: Optional[jax.Array] = None,
     carry: Any = NO_CARRY,
+    mesh: Any = None,
+    axis_name: Any = None,
+    fsdp_reduce: str = 'per_microbatch',
 ):
   """Runs ``loss_fn`` on every micro-batch of ``batch`` in one ``lax.scan``.
 
@@ -165,11 +169,35 @@ def scan_microbatches(
   not differentiated; a padding micro-batch, or one dropped as non-finite,
   leaves it unchanged.
 
+  On a mesh whose batch axes shard ``batch`` (see :mod:`accum_jax._sharding`)
+  each device scans its own rows and the sums are reduced once, after the loop.
+
   Returns:
     ``(sums, value_like, aux_like, grads_like)``: the weighted sums, the
     abstract loss, aux and gradient of one micro-batch (for dtypes).
     ``sums.aux`` is the stacked aux when ``stack_aux``.
   """
+  options = dict(num_microbatches=num_microbatches, has_aux=has_aux,
+                 weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
+                 stack_aux=stack_aux, remat=remat, nonfinite=nonfinite,
+                 num_real=num_real, carry=carry)
+  plan = _sharding.plan(mesh, axis_name, fsdp_reduce, params, batch,
+                        num_microbatches)
+  if plan is None:
+    return _scan_local(loss_fn, params, batch, args, kwargs, **options,
+                       init_grads=init_grads, init_weight=init_weight)
+  return _sharding.scan(plan, _scan_local, loss_fn, params, batch, args,
+                        kwargs, **options, init_grads=init_grads,
+                        init_weight=init_weight, rng_kwarg=RNG_KWARG,
+                        sums_type=_Sums, no_carry=NO_CARRY)
+
+
+def _scan_local(
+    loss_fn, params, batch, args, kwargs, *, num_microbatches, has_aux,
+    weight_fn, accumulator_dtype, stack_aux, remat, init_grads=None,
+    init_weight=None, nonfinite='propagate', num_real=None, carry=NO_CARRY,
+):
+  """:func:`scan_microbatches` on the rows this device holds."""
   k = num_microbatches
   _accumulate.check_floating(params, 'Params')
   reshaped = _split.reshape_batch(batch, k)
@@ -236,7 +264,7 @@ def scan_microbatches(
       value, aux, grads, weight, state = jax.lax.cond(
           index < num_real, functools.partial(one, prescale=prescale),
           lambda _, state: (*jax.tree.map(
-              lambda s: jnp.zeros(s.shape, s.dtype), outs_like), state),
+              _sharding.zeros_like_struct, outs_like), state),
           index, sums.carry)
     bad = None
     if screened:
@@ -260,6 +288,7 @@ def scan_microbatches(
     )
     return new, (aux if stack_aux else None)
 
+  init = _sharding.match_carry(body, init)  # no-op outside shard_map
   sums, stacked = jax.lax.scan(body, init, jnp.arange(k, dtype=jnp.int32))
   if stack_aux:
     sums = sums._replace(aux=stacked)
@@ -313,6 +342,9 @@ def value_and_grad(
     accumulator_dtype: Optional[Any] = jnp.float32,
     stack_aux: bool = False,
     remat: Any = None,
+    mesh: Any = None,
+    axis_name: Any = None,
+    fsdp_reduce: str = 'per_microbatch',
 ) -> Callable[..., Any]:
   r"""A micro-batched drop-in for ``jax.value_and_grad(loss_fn)``.
 
@@ -353,6 +385,21 @@ def value_and_grad(
     ``r``. A micro-batch of weight 0 from ``weight_fn`` adds ``0 * grads``:
     exact zeros unless its gradient is non-finite (guard a token mean's
     denominator, or use a skip policy, which drops it whatever its gradient).
+  * **Mesh.** Under ``jax.jit`` with a mesh set (``with
+    jax.set_mesh(mesh):``) and a batch sharded along its leading axis over
+    some mesh axes (the *batch axes*, read from the batch's sharding), every
+    device accumulates its own rows and the gradients are reduced across
+    devices **once**, after the loop, whatever ``k``. Each device's share of
+    a micro-batch counts as a piece of its own, of weight ``weight_fn(share)``
+    (or ``1 / shards``): the result is the sum of ``w L`` over all devices
+    and micro-batches divided by the global sum of ``w``, which for mean
+    losses, with or without token-count weights, is the full-batch value.
+    Parameters sharded over a batch axis (FSDP) get their gradients in their
+    own sharding, reduce-scattered once per micro-batch into a sharded
+    accumulator (``fsdp_reduce='per_microbatch'``, the default) or once per
+    step from a local unsharded accumulator (``'per_step'``). The ``rng``
+    key is also folded with the device's index along the batch axes. See
+    ``docs/scaling.md``.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
@@ -364,6 +411,15 @@ def value_and_grad(
     stack_aux: return per-micro-batch aux stacked instead of reduced.
     remat: ``None`` (no rematerialisation), ``True`` (``jax.checkpoint`` the
       per-micro-batch loss) or a ``jax.checkpoint_policies`` policy.
+    mesh: the mesh to split the loop over; by default the mesh set with
+      ``jax.set_mesh``, or the one carried by the batch's sharding.
+    axis_name: the batch axes (a mesh axis name or a tuple of them); by
+      default the axes sharding the batch's leading dimension, which is known
+      for explicit mesh axes (``jax.make_mesh``'s default). Pass it for a
+      mesh with ``AxisType.Auto`` axes, or inside a ``shard_map`` that is
+      manual over these axes, to get the one reduction after the loop.
+    fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``: when gradients of
+      parameters sharded over a batch axis are reduce-scattered (see above).
 
   Returns:
     ``f(params, batch, *args, **kwargs)`` returning ``(value, grads)`` or
@@ -389,7 +445,8 @@ def value_and_grad(
         loss_fn, params, batch, args, kwargs,
         num_microbatches=num_microbatches, has_aux=has_aux,
         weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
-        stack_aux=stack_aux, remat=remat, num_real=num_real)
+        stack_aux=stack_aux, remat=remat, num_real=num_real, mesh=mesh,
+        axis_name=axis_name, fsdp_reduce=fsdp_reduce)
     grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
     return _finish_value(sums, value_like, aux_like, has_aux, stack_aux), grads
 
@@ -404,6 +461,9 @@ def value_and_update(
     weight_fn: Optional[Callable[[Any], Any]] = None,
     stack_aux: bool = False,
     remat: Any = None,
+    mesh: Any = None,
+    axis_name: Any = None,
+    fsdp_reduce: str = 'per_microbatch',
 ) -> Callable[..., Any]:
   """One optimizer step over a whole batch, micro-batched in one ``lax.scan``.
 
@@ -415,8 +475,8 @@ def value_and_update(
   count and any schedule advance by exactly one, and ``opt_state`` comes back
   at a window boundary (``count == 0``).
 
-  The split, weighting, aux, RNG, dtype and ``num_real_microbatches=`` rules
-  are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
+  The split, weighting, aux, RNG, dtype, mesh and ``num_real_microbatches=``
+  rules are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
   applied to every micro-batch (its gradient, weight and loss). Call it on a state at a window boundary, which is
   where it always leaves it; a window left half-full by cross-step
   ``tx.update`` calls is folded into this step's mean.
@@ -429,6 +489,9 @@ def value_and_update(
     weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch.
     stack_aux: return per-micro-batch aux stacked instead of reduced.
     remat: as in :func:`value_and_grad`.
+    mesh: as in :func:`value_and_grad`.
+    axis_name: as in :func:`value_and_grad`.
+    fsdp_reduce: as in :func:`value_and_grad`.
 
   Returns:
     ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
@@ -460,7 +523,7 @@ def value_and_update(
     value, updates, opt_state, _ = update_step(
         loss_fn, tx, num_microbatches, params, opt_state, batch, args, kwargs,
         has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
-        remat=remat)
+        remat=remat, mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
     return value, updates, opt_state
 
   return f
@@ -468,7 +531,8 @@ def value_and_update(
 
 def update_step(loss_fn, tx, num_microbatches, params, opt_state, batch, args,
                 kwargs, *, has_aux, weight_fn, stack_aux, remat,
-                carry=NO_CARRY):
+                carry=NO_CARRY, mesh=None, axis_name=None,
+                fsdp_reduce='per_microbatch'):
   """The body of :func:`value_and_update`, with an optional ``carry``.
 
   Returns ``(value, updates, opt_state, carry)``; the Flax helpers use it to
@@ -489,7 +553,8 @@ def update_step(loss_fn, tx, num_microbatches, params, opt_state, batch, args,
       weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
       stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
       init_weight=opt_state.weight, nonfinite=tx.nonfinite,
-      num_real=num_real, carry=carry)
+      num_real=num_real, carry=carry, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce)
   summed = _nonfinite.count_bad(
       opt_state._replace(acc=sums.grads, weight=sums.weight), sums.bad)
   # With unit weights, all micro-batches real and nothing skipped, the

@@ -1,0 +1,248 @@
+"""Accumulation on an 8-device CPU mesh: numbers equal one device, and the
+gradient is reduced across devices once per step, outside the micro-batch loop.
+
+The mesh checks run in subprocesses (``tests/sharding_worker.py``, one per
+configuration, all started together) because the device count must be set
+before jax starts. Each compiled step's HLO is parsed and its collectives
+counted inside and outside the ``while`` loop, restricted to those that
+communicate along the data axis.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import accum_jax
+from accum_jax import _hlo
+
+HERE = pathlib.Path(__file__).parent
+CONFIGS = ('dp', 'fsdp', '2d')
+KS = (1, 2, 4, 8)
+TIMEOUT_S = 480
+NONE = {'all-reduce': 0, 'reduce-scatter': 0, 'all-gather': 0,
+        'all-to-all': 0, 'collective-permute': 0}
+
+
+@pytest.fixture(scope='module')
+def results():
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(
+      [str(HERE.parent)] + [p for p in [env.get('PYTHONPATH')] if p])
+  env.pop('XLA_FLAGS', None)
+  procs = {}
+  try:
+    for config in CONFIGS:
+      procs[config] = subprocess.Popen(
+          [sys.executable, str(HERE / 'sharding_worker.py'), config],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for config, proc in procs.items():
+      stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+      assert proc.returncode == 0, stderr[-4000:]
+      out[config] = json.loads(stdout)
+    return out
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _close(record, name):
+  assert len(record['got']) == len(record['want']), name
+  for i, (got, want) in enumerate(zip(record['got'], record['want'],
+                                      strict=True)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-6, err_msg=f'{name} leaf {i}')
+
+
+def _data(record, where):
+  return record['counts']['data'][where]
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_numbers_equal_one_device(results, config):
+  checked = [n for n in results[config] if n != 'errors']
+  assert len(checked) >= 16
+  for name in checked:
+    _close(results[config][name], name)
+
+
+@pytest.mark.parametrize('k', KS)
+@pytest.mark.parametrize('api', ('grad', 'update'))
+def test_data_parallel_reduces_once_outside_the_loop(results, api, k):
+  record = results['dp'][f'dp/{api}/k{k}']
+  # One (combined) all-reduce per step, nothing in the loop, and no other
+  # collective anywhere: the batch is never resharded.
+  assert record['counts']['all']['inside'] == NONE
+  assert record['counts']['all']['outside'] == {**NONE, 'all-reduce': 1}
+  # Replicated parameters stay replicated.
+  assert set(record['param_specs']) <= {'P()', 'P(None, None)', 'P(None,)'}
+
+
+@pytest.mark.parametrize('name', ('auto/named', 'dp/in_shard_map',
+                                  'dp/linen'))
+def test_named_axis_reduces_once(results, name):
+  counts = results['dp'][name]['counts']['all']
+  assert counts['inside'] == NONE
+  assert counts['outside'] == {**NONE, 'all-reduce': 1}
+
+
+@pytest.mark.parametrize('name', ('dp/naive', 'auto/unnamed'))
+def test_plain_scan_reduces_inside_the_loop(results, name):
+  # The baseline the mechanism exists for (and a check that the HLO counter
+  # sees in-loop reductions): a plain scan all-reduces every micro-batch.
+  assert _data(results['dp'][name], 'inside')['all-reduce'] >= 1
+
+
+@pytest.mark.parametrize('k', KS)
+@pytest.mark.parametrize('api', ('grad', 'update'))
+def test_fsdp_per_microbatch(results, api, k):
+  record = results['fsdp'][f'fsdp_per_microbatch/{api}/k{k}']
+  inside, outside = _data(record, 'inside'), _data(record, 'outside')
+  loop = inside if k > 1 else outside  # XLA drops a one-trip loop
+  # One reduce-scatter per sharded leaf per micro-batch, none outside.
+  assert loop['reduce-scatter'] == 3
+  assert inside['all-reduce'] == inside['all-to-all'] == 0
+  assert outside['all-reduce'] <= 1
+  want = ["P('data',)", "P('data', None)", "P(None, 'data')"]
+  assert record.get('grad_specs', record.get('acc_specs')) == want
+  if api == 'update':
+    assert record['param_specs'] == want
+
+
+@pytest.mark.parametrize('k', KS)
+@pytest.mark.parametrize('api', ('grad', 'update'))
+def test_fsdp_per_step(results, api, k):
+  record = results['fsdp'][f'fsdp_per_step/{api}/k{k}']
+  assert _data(record, 'inside') == NONE
+  outside = _data(record, 'outside')
+  assert outside['reduce-scatter'] == 3
+  assert outside['all-reduce'] == 1
+  assert outside['all-gather'] == 3  # the params, once per step
+  want = ["P('data',)", "P('data', None)", "P(None, 'data')"]
+  assert record.get('grad_specs', record.get('acc_specs')) == want
+
+
+@pytest.mark.parametrize('k', KS)
+@pytest.mark.parametrize('api', ('grad', 'update'))
+def test_2d_mesh_reduces_data_axis_once(results, api, k):
+  record = results['2d'][f'tp/{api}/k{k}']
+  assert _data(record, 'inside') == NONE
+  assert _data(record, 'outside') == {**NONE, 'all-reduce': 1}
+  assert record.get('grad_specs', record.get('acc_specs')) == [
+      "P('model',)", "P(None, 'model')", "P('model',)"]
+
+
+def test_2d_fsdp_keeps_shardings(results):
+  record = results['2d']['tp_fsdp/update/k8']
+  assert record['param_specs'] == record['want_specs']
+  assert record['acc_specs'] == record['want_specs']
+  inside = _data(record, 'inside')
+  assert inside['all-reduce'] == inside['all-to-all'] == 0
+
+
+def _spec(text):
+  """'P(None, 'data', None)' -> ('None', "'data'"): trailing Nones dropped."""
+  entries = [e.strip() for e in text[2:-1].split(',')]
+  while entries and entries[-1] in ('None', ''):
+    entries.pop()
+  return tuple(entries)
+
+
+@pytest.mark.parametrize('name', ('dp/token_update',
+                                  'fsdp_per_microbatch/token_update',
+                                  'fsdp_per_step/token_update'))
+def test_weighted_update_keeps_param_sharding(results, name):
+  record = results[name.split('/')[0].split('_per')[0]][name]
+  assert ([_spec(s) for s in record['update_specs']]
+          == [_spec(s) for s in record['param_specs']])
+
+
+def test_mesh_errors(results):
+  errors = results['dp']['errors']
+  assert errors['indivisible'].startswith('ValueError: The batch size 64 is '
+                                          'split over 8 devices')
+  assert 'multiple of 8 * 16 = 128' in errors['indivisible']
+  assert errors['bad_axis'].startswith(
+      "ValueError: axis_name='batch' names axes ['batch']")
+  assert errors['bad_fsdp'].startswith('ValueError: fsdp_reduce must be one')
+  assert errors['mixed_axes'].startswith(
+      'ValueError: The batch leaves are sharded over different mesh axes '
+      "along the batch dimension (['mask']: ('a',), ['y']: ('b',))")
+  assert errors['fsdp_skip'].startswith(
+      "ValueError: nonfinite='skip_step' with parameters sharded over the "
+      "batch axes ('data',) needs fsdp_reduce='per_step'")
+
+
+def _loss(w, batch):
+  return jnp.mean((batch['x'] @ w) ** 2)
+
+
+def test_axis_name_needs_a_mesh():
+  batch = {'x': jnp.ones((8, 2))}
+  with pytest.raises(ValueError, match=r"axis_name='data' was given but "
+                     r'there is no mesh'):
+    accum_jax.value_and_grad(_loss, 2, axis_name='data')(jnp.ones(2), batch)
+
+
+def test_bad_fsdp_reduce():
+  with pytest.raises(ValueError, match=r"fsdp_reduce must be one of "
+                     r"\('per_microbatch', 'per_step'\), got 'never'"):
+    accum_jax.value_and_grad(_loss, 2, fsdp_reduce='never')(
+        jnp.ones(2), {'x': jnp.ones((8, 2))})
+
+
+def test_batch_not_divisible_by_devices_times_k():
+  mesh = jax.sharding.AbstractMesh((4,), ('data',))
+  f = accum_jax.value_and_grad(_loss, 4, mesh=mesh, axis_name='data')
+  with pytest.raises(ValueError, match=r'The batch size 8 is split over 4 '
+                     r"devices \(mesh axes \('data',\)\) and "
+                     r'num_microbatches=4: it must be a multiple of 4 \* 4'):
+    jax.eval_shape(f, jnp.ones(2), {'x': jnp.ones((8, 2))})
+
+
+HLO = """\
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = f32[4]{0} all-reduce(f32[4]{0} %x), channel_id=1, replica_groups={{0,1},{2,3}}, to_apply=%add
+  %rs = f32[2]{0} reduce-scatter(f32[4]{0} %x), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}, to_apply=%add
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%cond, body=%body
+  %ag = (f32[4]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %y), channel_id=3, replica_groups={}, dimensions={0}, metadata={op_name="all-reduce(x)"}
+  %agd = f32[8]{0} all-gather-done(%ag)
+}
+"""
+
+
+def test_hlo_counter():
+  counts = _hlo.count_collectives(HLO)
+  assert counts['inside'] == {**NONE, 'all-reduce': 1, 'reduce-scatter': 1}
+  assert counts['outside'] == {**NONE, 'all-gather': 1}
+
+  class Device:
+    def __init__(self, i):
+      self.id = i
+
+  class Mesh:  # devices 0..3 on a (data=2, model=2) grid
+    axis_names = ('data', 'model')
+    devices = np.array([[Device(0), Device(1)], [Device(2), Device(3)]])
+
+  # {0,1},{2,3} vary along model; [2,2]<=[2,2]T(1,0) is {0,2},{1,3}: data.
+  data = _hlo.count_collectives(HLO, Mesh, 'data')
+  assert data['inside'] == {**NONE, 'reduce-scatter': 1}
+  assert data['outside'] == {**NONE, 'all-gather': 1}
+  model = _hlo.count_collectives(HLO, Mesh, 'model')
+  assert model['inside'] == {**NONE, 'all-reduce': 1}
