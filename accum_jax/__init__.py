@@ -7,16 +7,19 @@ full-batch step at the memory of one micro-batch.
 
 import importlib
 
-from accum_jax._accumulate import accumulate
-from accum_jax._accumulate import AccumulateState
-from accum_jax._accumulate import AccumulateTransformation
-from accum_jax._planner import compiled_memory
-from accum_jax._planner import CompiledMemory
-from accum_jax._planner import MemoryPlan
-from accum_jax._planner import PlanCandidate
-from accum_jax._planner import plan_microbatches
-from accum_jax._scan import value_and_grad
-from accum_jax._scan import value_and_update
+from accum_jax._accumulate import (
+  AccumulateState,
+  AccumulateTransformation,
+  accumulate,
+)
+from accum_jax._planner import (
+  CompiledMemory,
+  MemoryPlan,
+  PlanCandidate,
+  compiled_memory,
+  plan_microbatches,
+)
+from accum_jax._scan import value_and_grad, value_and_update
 from accum_jax._split import split_batch
 from accum_jax._window import flush
 
@@ -48,10 +51,10 @@ __all__ = (
     'MemoryPlan',
     'PlanCandidate',
     'accumulate',
+    'compiled_memory',
     'flush',
     'linen_train_step',
     'nnx_train_step',
-    'compiled_memory',
     'plan_microbatches',
     'split_batch',
     'value_and_grad',

@@ -6,16 +6,15 @@ returns zero updates and leaves ``inner``'s state untouched; the inner update
 runs inside a ``lax.switch`` branch, so it is never computed on other calls.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from accum_jax import _config
-from accum_jax import _nonfinite
-from accum_jax import _window
+from accum_jax import _config, _nonfinite, _window
 
 
 class AccumulateState(NamedTuple):
@@ -49,7 +48,7 @@ class AccumulateState(NamedTuple):
   skipped_microbatches: jax.Array = np.zeros([], np.int32)
   skipped_steps: jax.Array = np.zeros([], np.int32)
   window_nonfinite: jax.Array = np.zeros([], np.bool_)
-  config: Optional[_config.Config] = None
+  config: _config.Config | None = None
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
@@ -77,11 +76,11 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
     return self.update.accumulate_config['inner']
 
   @property
-  def num_microbatches(self) -> Union[int, Callable[[jax.Array], Any]]:
+  def num_microbatches(self) -> int | Callable[[jax.Array], Any]:
     return self.update.accumulate_config['num_microbatches']
 
   @property
-  def accumulator_dtype(self) -> Optional[jnp.dtype]:
+  def accumulator_dtype(self) -> jnp.dtype | None:
     return self.update.accumulate_config['accumulator_dtype']
 
   @property
@@ -161,7 +160,7 @@ def finish_window(
     tx: AccumulateTransformation,
     state: AccumulateState,
     grads_like: Any,
-    params: Optional[optax.Params],
+    params: optax.Params | None,
     extra_args: dict[str, Any],
     *,
     guard: bool = True,
@@ -209,7 +208,7 @@ def cast_like(tree: Any, like: Any) -> Any:
 
 
 def reset(state: AccumulateState, inner_state, updates, *,
-          skipped_step: Optional[jax.Array] = None) -> AccumulateState:
+          skipped_step: jax.Array | None = None) -> AccumulateState:
   """A state at the start of a new window, after ``updates`` were computed.
 
   The zeroed accumulator is made to depend on ``updates`` through a select on
@@ -243,9 +242,9 @@ def reset(state: AccumulateState, inner_state, updates, *,
 
 def accumulate(
     inner: optax.GradientTransformation,
-    num_microbatches: Union[int, Callable[[jax.Array], Any]],
+    num_microbatches: int | Callable[[jax.Array], Any],
     *,
-    accumulator_dtype: Optional[Any] = jnp.float32,
+    accumulator_dtype: Any | None = jnp.float32,
     nonfinite: str = 'propagate',
 ) -> AccumulateTransformation:
   r"""Accumulates gradients over ``k`` micro-steps, then applies ``inner`` once.

@@ -7,17 +7,20 @@ outside the loop, and each micro-batch is differentiated inside the loop body.
 """
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from accum_jax import _accumulate
-from accum_jax import _config
-from accum_jax import _nonfinite
-from accum_jax import _sharding
-from accum_jax import _split
-from accum_jax import _window
+from accum_jax import (
+  _accumulate,
+  _config,
+  _nonfinite,
+  _sharding,
+  _split,
+  _window,
+)
 
 RNG_KWARG = 'rng'
 
@@ -147,14 +150,14 @@ def scan_microbatches(
     *,
     num_microbatches: int,
     has_aux: bool,
-    weight_fn: Optional[Callable[[Any], Any]],
+    weight_fn: Callable[[Any], Any] | None,
     accumulator_dtype: Any,
     stack_aux: bool,
     remat: Any,
     init_grads: Any = None,
-    init_weight: Optional[jax.Array] = None,
+    init_weight: jax.Array | None = None,
     nonfinite: str = 'propagate',
-    num_real: Optional[jax.Array] = None,
+    num_real: jax.Array | None = None,
     carry: Any = NO_CARRY,
     mesh: Any = None,
     axis_name: Any = None,
@@ -338,8 +341,8 @@ def value_and_grad(
     num_microbatches: int,
     *,
     has_aux: bool = False,
-    weight_fn: Optional[Callable[[Any], Any]] = None,
-    accumulator_dtype: Optional[Any] = jnp.float32,
+    weight_fn: Callable[[Any], Any] | None = None,
+    accumulator_dtype: Any | None = jnp.float32,
     stack_aux: bool = False,
     remat: Any = None,
     mesh: Any = None,
@@ -458,7 +461,7 @@ def value_and_update(
     tx: _accumulate.AccumulateTransformation,
     *,
     has_aux: bool = False,
-    weight_fn: Optional[Callable[[Any], Any]] = None,
+    weight_fn: Callable[[Any], Any] | None = None,
     stack_aux: bool = False,
     remat: Any = None,
     mesh: Any = None,
@@ -477,9 +480,10 @@ def value_and_update(
 
   The split, weighting, aux, RNG, dtype, mesh and ``num_real_microbatches=``
   rules are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
-  applied to every micro-batch (its gradient, weight and loss). Call it on a state at a window boundary, which is
-  where it always leaves it; a window left half-full by cross-step
-  ``tx.update`` calls is folded into this step's mean.
+  applied to every micro-batch (its gradient, weight and loss). Call it on a
+  state at a window boundary, which is where it always leaves it; a window
+  left half-full by cross-step ``tx.update`` calls is folded into this step's
+  mean.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
