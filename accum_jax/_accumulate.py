@@ -132,14 +132,21 @@ def check_same_structure(tree: Any, reference: Any, what: str,
       )
 
 
-def check_weight(weight: Any) -> jax.Array:
-  """Returns ``weight`` as a float32 scalar, or raises if it is not a scalar."""
+def check_weight(weight: Any, *, from_weight_fn: bool = False) -> jax.Array:
+  """Returns ``weight`` as a float32 scalar, or raises if it is not a scalar.
+
+  A concrete negative weight raises too (a traced one is clamped later).
+  ``from_weight_fn`` words the errors for a ``weight_fn``'s output.
+  """
   if jnp.ndim(weight) != 0:
+    what = ('weight_fn must return a scalar weight per micro-batch'
+            if from_weight_fn else 'A micro-batch weight must be a scalar')
     raise ValueError(
-        'A micro-batch weight must be a scalar, got an array of shape '
-        f'{jnp.shape(weight)}.'
+        f'{what}, got an array of shape {jnp.shape(weight)}.'
     )
-  _nonfinite.check_concrete_weight(weight, 'A micro-batch weight')
+  _nonfinite.check_concrete_weight(
+      weight, 'The weight_fn weight' if from_weight_fn
+      else 'A micro-batch weight')
   return jnp.asarray(weight, jnp.float32)
 
 

@@ -216,7 +216,8 @@ def _scan_local(
     else:
       # Clamped here, before it seeds the backward pass: a traced negative
       # weight counts as 0.
-      weight = _check_weight_fn_output(weight_fn(microbatch))
+      weight = _accumulate.check_weight(weight_fn(microbatch),
+                                        from_weight_fn=True)
       weight = jnp.where(weight < 0, jnp.zeros_like(weight), weight)
     if prescale:
       (_, (value, (aux, new_state))), grads = scaled_grad_fn(
@@ -315,16 +316,6 @@ def _check_carry(new_like, carry):
           f'shape {jnp.shape(new)} and dtype {jnp.result_type(new)}, but it was'
           f' given shape {jnp.shape(old)} and dtype {jnp.result_type(old)}.'
       )
-
-
-def _check_weight_fn_output(weight):
-  if jnp.ndim(weight) != 0:
-    raise ValueError(
-        'weight_fn must return a scalar weight per micro-batch, got an array '
-        f'of shape {jnp.shape(weight)}.'
-    )
-  _nonfinite.check_concrete_weight(weight, 'The weight_fn weight')
-  return jnp.asarray(weight, jnp.float32)
 
 
 def _finish_value(sums, value_like, aux_like, has_aux, stack_aux):
