@@ -11,6 +11,7 @@ from accum_jax._accumulate import (
   AccumulateState,
   AccumulateTransformation,
   accumulate,
+  flush,
 )
 from accum_jax._planner import (
   CompiledMemory,
@@ -21,7 +22,6 @@ from accum_jax._planner import (
 )
 from accum_jax._scan import value_and_grad, value_and_update
 from accum_jax._split import split_batch
-from accum_jax._window import flush
 
 __version__ = '0.1.0'
 

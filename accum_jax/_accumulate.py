@@ -410,3 +410,64 @@ def accumulate(
       accumulator_dtype=accumulator_dtype, nonfinite=nonfinite)
   tx = AccumulateTransformation(init_fn, update_fn)
   return tx
+
+
+def flush(
+    tx: Any,
+    state: Any,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+) -> tuple[optax.Updates, Any]:
+  """Ends the current window now (e.g. at the end of an epoch).
+
+  Applies the inner optimizer once to the mean of the micro-batches seen so
+  far, divided by their weight, not by ``k``, and starts a new window. On an
+  empty window (``count == 0``) it returns zero updates and the state
+  unchanged. The same non-finite policy applies as at a normal window end.
+
+  Args:
+    tx: a transform made by :func:`accum_jax.accumulate`.
+    state: its state, mid-window.
+    params: the params, passed to the inner optimizer; the updates take their
+      dtypes (else the accumulator's).
+    **extra_args: forwarded to the inner optimizer, as in ``tx.update``.
+
+  Returns:
+    ``(updates, state)``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import accum_jax
+    >>> tx = accum_jax.accumulate(optax.sgd(1.0), num_microbatches=4)
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(jnp.array([1.0, 2.0]), state, params)
+    >>> _, state = tx.update(jnp.array([3.0, 4.0]), state, params)
+    >>> updates, state = accum_jax.flush(tx, state, params)
+    >>> updates  # the mean of 2 gradients, not their sum / 4
+    Array([-2., -3.], dtype=float32)
+    >>> int(state.count), int(state.step)
+    (0, 1)
+  """
+  if not isinstance(tx, AccumulateTransformation):
+    raise TypeError(
+        'flush needs a transform made by accum_jax.accumulate, got '
+        f'{type(tx).__name__}.'
+    )
+  if not isinstance(state, AccumulateState):
+    raise TypeError(
+        f'flush expects an AccumulateState, got {type(state).__name__}.'
+    )
+  if params is not None:
+    check_same_structure(params, state.acc, 'params',
+                                     'accumulator')
+  _config.check_state(tx, state, params)
+  like = params if params is not None else state.acc
+
+  def end(_):
+    return finish_window(tx, state, like, params, extra_args)
+
+  def keep(_):
+    return jax.tree.map(jnp.zeros_like, like), state
+
+  return jax.lax.cond(state.count > 0, end, keep, None)

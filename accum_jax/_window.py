@@ -2,8 +2,9 @@
 
 Cross-step, a window ends after ``num_microbatches`` micro-steps, where that
 may be a schedule of the number of windows ended so far, or earlier when
-``update(..., end_window=True)`` or :func:`flush` says so. In-step, a batch may
-carry fewer real micro-batches than ``k`` (``num_real_microbatches=r``): the
+``update(..., end_window=True)`` or :func:`accum_jax.flush` says so. In-step,
+a batch may carry fewer real micro-batches than ``k``
+(``num_real_microbatches=r``): the
 trailing ``k - r`` are padding with weight 0, and since ``r`` is traced one
 compiled step serves every ``r``. Either way the window's mean is divided by
 the weight it saw, never by ``k``.
@@ -14,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from accum_jax import _split
 
@@ -84,69 +84,3 @@ def pop_num_real(kwargs: dict[str, Any],
           f'(num_microbatches), got {value}.'
       )
   return jnp.asarray(r, jnp.int32), kwargs
-
-
-def flush(
-    tx: Any,
-    state: Any,
-    params: optax.Params | None = None,
-    **extra_args: Any,
-) -> tuple[optax.Updates, Any]:
-  """Ends the current window now (e.g. at the end of an epoch).
-
-  Applies the inner optimizer once to the mean of the micro-batches seen so
-  far, divided by their weight, not by ``k``, and starts a new window. On an
-  empty window (``count == 0``) it returns zero updates and the state
-  unchanged. The same non-finite policy applies as at a normal window end.
-
-  Args:
-    tx: a transform made by :func:`accum_jax.accumulate`.
-    state: its state, mid-window.
-    params: the params, passed to the inner optimizer; the updates take their
-      dtypes (else the accumulator's).
-    **extra_args: forwarded to the inner optimizer, as in ``tx.update``.
-
-  Returns:
-    ``(updates, state)``.
-
-  Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> import accum_jax
-    >>> tx = accum_jax.accumulate(optax.sgd(1.0), num_microbatches=4)
-    >>> params = jnp.zeros(2)
-    >>> state = tx.init(params)
-    >>> _, state = tx.update(jnp.array([1.0, 2.0]), state, params)
-    >>> _, state = tx.update(jnp.array([3.0, 4.0]), state, params)
-    >>> updates, state = accum_jax.flush(tx, state, params)
-    >>> updates  # the mean of 2 gradients, not their sum / 4
-    Array([-2., -3.], dtype=float32)
-    >>> int(state.count), int(state.step)
-    (0, 1)
-  """
-  from accum_jax import (
-    _accumulate,  # pylint: disable=g-import-not-at-top
-    _config,  # pylint: disable=g-import-not-at-top
-  )
-
-  if not isinstance(tx, _accumulate.AccumulateTransformation):
-    raise TypeError(
-        'flush needs a transform made by accum_jax.accumulate, got '
-        f'{type(tx).__name__}.'
-    )
-  if not isinstance(state, _accumulate.AccumulateState):
-    raise TypeError(
-        f'flush expects an AccumulateState, got {type(state).__name__}.'
-    )
-  if params is not None:
-    _accumulate.check_same_structure(params, state.acc, 'params',
-                                     'accumulator')
-  _config.check_state(tx, state, params)
-  like = params if params is not None else state.acc
-
-  def end(_):
-    return _accumulate.finish_window(tx, state, like, params, extra_args)
-
-  def keep(_):
-    return jax.tree.map(jnp.zeros_like, like), state
-
-  return jax.lax.cond(state.count > 0, end, keep, None)
