@@ -30,11 +30,8 @@ def loss_fn(params, batch):
 
 
 def peak_mib(fn, *args):
-  compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
-  m = compiled.memory_analysis()
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes - m.alias_size_in_bytes)
-  return peak / 2**20
+  return accum_jax.compiled_memory(fn, *args,
+                                   donate_argnums=(0, 1)).peak_bytes / 2**20
 
 
 def main():

@@ -128,9 +128,7 @@ def variants(layout, k):
 
 
 def memory_mib(compiled):
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes +
-          m.temp_size_in_bytes - m.alias_size_in_bytes) / 2 ** 20
+  return accum_jax.compiled_memory(compiled).peak_bytes / 2 ** 20
 
 
 def run_cell(mesh, layout, k, args):

@@ -61,9 +61,7 @@ def load_data(seed):
 
 def peak_bytes(compiled):
   """Peak memory of a compiled step: arguments + outputs + temps - aliased."""
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return accum_jax.compiled_memory(compiled).peak_bytes
 
 
 def parse_args(argv=None):

@@ -45,11 +45,8 @@ def make_data(key, n, d):
 
 
 def peak_mib(step, *args):
-  stats = step.lower(*args).compile().memory_analysis()
-  if stats is None:
-    return float('nan')
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          + stats.temp_size_in_bytes - stats.alias_size_in_bytes) / 2**20
+  compiled = step.lower(*args).compile()
+  return accum_jax.compiled_memory(compiled).peak_bytes / 2**20
 
 
 def main():
@@ -62,7 +59,9 @@ def main():
 
   key = jax.random.key(0)
   params = init_params(key, [32, args.width, args.width, 1])
-  schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 5, args.steps)
+  warmup = max(1, min(5, args.steps // 5))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, 3e-3, warmup, max(args.steps, warmup + 1))
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.adamw(schedule, weight_decay=1e-2))
   tx = accum_jax.accumulate(optimizer, num_microbatches=args.k)
