@@ -6,6 +6,7 @@ returns zero updates and leaves ``inner``'s state untouched; the inner update
 runs inside a ``lax.switch`` branch, so it is never computed on other calls.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,7 +15,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from accum_jax import _config, _nonfinite, _window
+from accum_jax import _checks, _nonfinite
+from accum_jax._sums import acc_dtype, add_weighted, mean_of
+
+
+@jax.tree_util.register_static
+class Config:
+  """A static (leafless) record of how an :class:`AccumulateState` was made:
+  ``num_microbatches`` (an int, or ``'schedule'``) and the nonfinite policy."""
+
+  def __init__(self, num_microbatches: Any, nonfinite: str):
+    self.num_microbatches = ('schedule' if callable(num_microbatches)
+                             else num_microbatches)
+    self.nonfinite = nonfinite
+
+  def _key(self):
+    return (self.num_microbatches, self.nonfinite)
+
+  def __eq__(self, other):
+    return isinstance(other, Config) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def __repr__(self):
+    return (f'accumulate(num_microbatches={self.num_microbatches!r}, '
+            f'nonfinite={self.nonfinite!r})')
 
 
 class AccumulateState(NamedTuple):
@@ -48,7 +74,7 @@ class AccumulateState(NamedTuple):
   skipped_microbatches: jax.Array = np.zeros([], np.int32)
   skipped_steps: jax.Array = np.zeros([], np.int32)
   window_nonfinite: jax.Array = np.zeros([], np.bool_)
-  config: _config.Config | None = None
+  config: Config | None = None
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
@@ -56,13 +82,14 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
 
   It is an ordinary optax transformation (an ``(init, update)`` pair) that also
   says how it was built, so the in-step drivers
-  (:func:`accum_jax.value_and_update`) can read the window length. The
-  configuration travels with the ``update`` function, so copies, pickles,
-  ``_replace(init=...)`` and pytree round trips keep it.
+  (:func:`accum_jax.value_and_update`) can read the window length. ``init``
+  and ``update`` are methods of one :class:`AccumulateConfig`, so copies,
+  pickles, ``_replace(init=...)`` and pytree round trips keep it.
 
   Attributes:
+    config: the :class:`AccumulateConfig`.
     inner: the inner optimizer, with extra-args support.
-    num_microbatches: ``k``, the window length.
+    num_microbatches: ``k``, the window length (or a schedule).
     accumulator_dtype: the requested accumulator dtype (``None``: the
       gradients' own).
     nonfinite: the non-finite policy, ``'propagate'``, ``'skip_microbatch'``
@@ -72,139 +99,209 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
   __slots__ = ()
 
   @property
+  def config(self) -> 'AccumulateConfig':
+    return self.update.__self__
+
+  @property
   def inner(self) -> optax.GradientTransformationExtraArgs:
-    return self.update.accumulate_config['inner']
+    return self.config.inner
 
   @property
   def num_microbatches(self) -> int | Callable[[jax.Array], Any]:
-    return self.update.accumulate_config['num_microbatches']
+    return self.config.num_microbatches
 
   @property
   def accumulator_dtype(self) -> jnp.dtype | None:
-    return self.update.accumulate_config['accumulator_dtype']
+    return self.config.accumulator_dtype
 
   @property
   def nonfinite(self) -> str:
-    return self.update.accumulate_config.get('nonfinite', 'propagate')
+    return self.config.nonfinite
 
 
-def _path_name(path) -> str:
-  return jax.tree_util.keystr(path) or '<root>'
+@dataclasses.dataclass(frozen=True, eq=False)
+class AccumulateConfig:
+  """How an :func:`accumulate` transform was built, and what it does.
 
+  The transform's ``init`` and ``update`` are this object's methods, so its
+  configuration lives in one place and travels with the transform.
 
-def acc_dtype(dtype, accumulator_dtype) -> jnp.dtype:
-  """The accumulator dtype for a gradient of ``dtype``: never narrower."""
-  if accumulator_dtype is None:
-    return jnp.dtype(dtype)
-  return jnp.promote_types(dtype, accumulator_dtype)
+  Attributes:
+    inner: the inner optimizer, with extra-args support.
+    num_microbatches: ``k`` (an int >= 1), or a schedule of the window count.
+    accumulator_dtype: the requested accumulator dtype, or None.
+    nonfinite: the non-finite policy.
+  """
 
+  inner: optax.GradientTransformationExtraArgs
+  num_microbatches: int | Callable[[jax.Array], Any]
+  accumulator_dtype: jnp.dtype | None
+  nonfinite: str
 
-def check_floating(tree: Any, what: str) -> None:
-  """Raises a TypeError naming the first non-floating leaf of ``tree``."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
+  def record(self) -> Config:
+    """The static record a state made by this transform carries."""
+    return Config(self.num_microbatches, self.nonfinite)
+
+  def static_num_microbatches(self, who: str) -> int:
+    """``k`` for a driver that needs a static window length."""
+    if callable(self.num_microbatches):
       raise TypeError(
-          f'{what} leaf {_path_name(path)} has dtype {dtype}; accum_jax '
-          'accumulates floating-point gradients only. Keep integer or boolean '
-          'values out of the differentiated pytree (e.g. in a separate '
-          'argument or a non-trainable collection).'
+          f'{who} runs a fixed number of micro-batches per step, but tx was '
+          'built with a num_microbatches schedule. Use accumulate(inner, k) '
+          'with an int k for the in-step drivers (rebuild the step, or pass '
+          'num_real_microbatches=, to change k in-step); schedules are for '
+          'cross-step tx.update calls.'
       )
+    return self.num_microbatches
 
+  def window_length(self, step: jax.Array) -> Any:
+    """``k`` for the window after ``step`` ended windows (at least 1)."""
+    if not callable(self.num_microbatches):
+      return self.num_microbatches
+    length = self.num_microbatches(jnp.asarray(step, jnp.int32))
+    if jnp.ndim(length) != 0 or not jnp.issubdtype(jnp.result_type(length),
+                                                    jnp.integer):
+      raise TypeError(
+          'A num_microbatches schedule must return an integer scalar, got '
+          f'shape {jnp.shape(length)} and dtype {jnp.result_type(length)}.'
+      )
+    return jnp.maximum(jnp.asarray(length, jnp.int32), 1)
 
-def check_same_structure(tree: Any, reference: Any, what: str,
-                         reference_what: str) -> None:
-  """Raises a ValueError if ``tree`` and ``reference`` differ in structure."""
-  treedef = jax.tree.structure(tree)
-  ref_treedef = jax.tree.structure(reference)
-  if treedef != ref_treedef:
-    raise ValueError(
-        f'The {what} pytree does not match the {reference_what} it was '
-        f'initialised with:\n  {what}: {treedef}\n  {reference_what}: '
-        f'{ref_treedef}'
-    )
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree),
-                          jax.tree.leaves(reference)):
-    if jnp.shape(a) != jnp.shape(b):
+  def check_state(self, state: Any, params: Any, who: str) -> None:
+    """Raises a clear error if ``state`` was not made by this ``init``.
+
+    Compares the static record (``k`` and policy) and the inner state's
+    structure with what ``inner.init`` makes for these params.
+    """
+    if not isinstance(state, AccumulateState):
+      raise TypeError(
+          f'{who} expects an AccumulateState, got {type(state).__name__}. '
+          'Create it with this transform\'s init.'
+      )
+    if params is not None:
+      _checks.check_same_structure(params, state.acc, 'params', 'accumulator')
+    expected = self.record()
+    if state.config is not None and state.config != expected:
       raise ValueError(
-          f'The {what} leaf {_path_name(path)} has shape {jnp.shape(a)} but '
-          f'the {reference_what} has shape {jnp.shape(b)}.'
+          f'The AccumulateState was made by {state.config} but is used with '
+          f'{expected}. Create the state with this transform\'s init (to '
+          'change k of a run, start a new window: tx.init(params)._replace('
+          'inner_state=old_state.inner_state)).'
+      )
+    like = params if params is not None else state.acc
+    try:
+      inner_like = jax.eval_shape(self.inner.init, like)
+    except Exception:  # noqa: BLE001 - an init that cannot run abstractly
+      return           # is not a mismatch; the inner update will check it.
+    treedef = jax.tree.structure(state.inner_state)
+    expected_treedef = jax.tree.structure(inner_like)
+    if treedef != expected_treedef:
+      raise ValueError(
+          'The AccumulateState\'s inner_state does not match this '
+          f'accumulate\'s inner optimizer:\n  inner_state: {treedef}\n  '
+          f'inner.init(params): {expected_treedef}\nCreate the state with '
+          'this transform\'s init.'
       )
 
-
-def check_weight(weight: Any, *, from_weight_fn: bool = False) -> jax.Array:
-  """Returns ``weight`` as a float32 scalar, or raises if it is not a scalar.
-
-  A concrete negative weight raises too (a traced one is clamped later).
-  ``from_weight_fn`` words the errors for a ``weight_fn``'s output.
-  """
-  if jnp.ndim(weight) != 0:
-    what = ('weight_fn must return a scalar weight per micro-batch'
-            if from_weight_fn else 'A micro-batch weight must be a scalar')
-    raise ValueError(
-        f'{what}, got an array of shape {jnp.shape(weight)}.'
+  def init(self, params: optax.Params) -> 'AccumulateState':
+    _checks.check_floating(params, 'Params')
+    return AccumulateState(
+        count=jnp.zeros([], jnp.int32),
+        # zeros_like keeps a sharded parameter's sharding (explicit axes).
+        acc=jax.tree.map(
+            lambda p: jnp.zeros_like(p, acc_dtype(jnp.result_type(p),
+                                                  self.accumulator_dtype)),
+            params),
+        weight=jnp.zeros([], jnp.float32),
+        inner_state=self.inner.init(params),
+        step=jnp.zeros([], jnp.int32),
+        skipped_microbatches=jnp.zeros([], jnp.int32),
+        skipped_steps=jnp.zeros([], jnp.int32),
+        window_nonfinite=jnp.zeros([], jnp.bool_),
+        config=self.record(),
     )
-  _nonfinite.check_concrete_weight(
-      weight, 'The weight_fn weight' if from_weight_fn
-      else 'A micro-batch weight')
-  return jnp.asarray(weight, jnp.float32)
 
+  def update(self, grads: optax.Updates, state: 'AccumulateState',
+             params: optax.Params | None = None, *, weight: Any = None,
+             end_window: Any = None,
+             **extra_args: Any) -> tuple[optax.Updates, 'AccumulateState']:
+    self.check_state(state, params, 'accumulate.update')
+    _checks.check_same_structure(grads, state.acc, 'grads', 'params')
+    _checks.check_floating(grads, 'Gradient')
+    w = (jnp.ones([], jnp.float32) if weight is None
+         else _checks.check_weight(weight))
+    bad = None
+    if weight is not None or self.nonfinite != 'propagate':
+      # Selects, not multiplies: a dropped micro-batch adds exact zeros.
+      _, _, grads_in, w, bad = _nonfinite.screen(
+          self.nonfinite, grads, w, weighted=weight is not None)
+    else:
+      grads_in = grads
+    acc = add_weighted(state.acc, grads_in, w)
+    summed = _nonfinite.count_bad(
+        state._replace(count=state.count + 1, acc=acc,
+                       weight=state.weight + w), bad)
+    ends = summed.count >= self.window_length(summed.step)
+    if end_window is not None:
+      if jnp.ndim(end_window) != 0:
+        raise ValueError(
+            'end_window must be a scalar bool, got an array of shape '
+            f'{jnp.shape(end_window)}.'
+        )
+      ends = ends | jnp.asarray(end_window, jnp.bool_)
 
-def add_weighted(acc: Any, grads: Any, weight: jax.Array) -> Any:
-  """``acc + weight * grads``, computed in the accumulator's dtype."""
-  return jax.tree.map(lambda a, g: a + weight.astype(a.dtype) * g.astype(a.dtype),
-                      acc, grads)
+    def mid(_):
+      return jax.tree.map(jnp.zeros_like, grads), summed
 
+    def end(_):
+      return self.finish_window(summed, grads, params, extra_args)
 
-def mean_of(acc: Any, total_weight: jax.Array, like: Any) -> Any:
-  """``acc / total_weight`` in the dtypes of ``like``; 0 for a zero weight."""
-  safe = jnp.where(total_weight > 0, total_weight, 1.0)
-  return jax.tree.map(
-      lambda a, g: (a / safe.astype(a.dtype)).astype(g.dtype), acc, like)
+    return jax.lax.cond(ends, end, mid, None)
 
+  def finish_window(
+      self,
+      state: 'AccumulateState',
+      grads_like: Any,
+      params: optax.Params | None,
+      extra_args: dict[str, Any],
+      *,
+      guard: bool = True,
+  ) -> tuple[optax.Updates, 'AccumulateState']:
+    """Applies the inner optimizer once to the window's mean and resets.
 
-def finish_window(
-    tx: AccumulateTransformation,
-    state: AccumulateState,
-    grads_like: Any,
-    params: optax.Params | None,
-    extra_args: dict[str, Any],
-    *,
-    guard: bool = True,
-) -> tuple[optax.Updates, AccumulateState]:
-  """Applies the inner optimizer once to the window's mean and resets.
+    ``state.acc`` and ``state.weight`` hold the window's sums. An empty window
+    (total weight 0) gives zero updates and leaves the inner state untouched.
+    ``guard=False`` is for callers that know the weight is positive (every
+    weight was 1): the ``lax.cond`` that handles an empty window costs a
+    parameter-sized buffer on XLA, so it is left out when it cannot be taken.
+    """
 
-  ``state.acc`` and ``state.weight`` hold the window's sums. An empty window
-  (total weight 0) gives zero updates and leaves the inner state untouched.
-  ``guard=False`` is for callers that know the weight is positive (every
-  weight was 1): the ``lax.cond`` that handles an empty window costs a
-  parameter-sized buffer on XLA, so it is left out when it cannot be taken.
-  """
+    def apply(operand):
+      acc, weight, inner_state = operand
+      mean = mean_of(acc, weight, grads_like)
+      updates, new_inner = self.inner.update(mean, inner_state, params,
+                                             **extra_args)
+      # Keep both branches (and a scan carry around them) dtype-stable:
+      # updates come back in the gradients' dtypes, the inner state in its
+      # own.
+      return cast_like(updates, grads_like), cast_like(new_inner, inner_state)
 
-  def apply(operand):
-    acc, weight, inner_state = operand
-    mean = mean_of(acc, weight, grads_like)
-    updates, new_inner = tx.inner.update(mean, inner_state, params,
-                                         **extra_args)
-    # Keep both branches (and a scan carry around them) dtype-stable: updates
-    # come back in the gradients' dtypes, the inner state in its own.
-    return cast_like(updates, grads_like), cast_like(new_inner, inner_state)
+    def skip(operand):
+      _, _, inner_state = operand
+      return jax.tree.map(jnp.zeros_like, grads_like), inner_state
 
-  def skip(operand):
-    _, _, inner_state = operand
-    return jax.tree.map(jnp.zeros_like, grads_like), inner_state
-
-  operand = (state.acc, state.weight, state.inner_state)
-  skipped_step = None
-  if guard:
-    # An empty window, or (skip policies) one with non-finite values, is not
-    # applied and the inner state comes back bit-identical.
-    ok = _nonfinite.window_ok(tx.nonfinite, state)
-    updates, inner_state = jax.lax.cond(ok, apply, skip, operand)
-    skipped_step = state.window_nonfinite & ~ok
-  else:
-    updates, inner_state = apply(operand)
-  return updates, reset(state, inner_state, updates, skipped_step=skipped_step)
+    operand = (state.acc, state.weight, state.inner_state)
+    skipped_step = None
+    if guard:
+      # An empty window, or (skip policies) one with non-finite values, is
+      # not applied and the inner state comes back bit-identical.
+      ok = _nonfinite.window_ok(self.nonfinite, state)
+      updates, inner_state = jax.lax.cond(ok, apply, skip, operand)
+      skipped_step = state.window_nonfinite & ~ok
+    else:
+      updates, inner_state = apply(operand)
+    return updates, reset(state, inner_state, updates,
+                          skipped_step=skipped_step)
 
 
 def cast_like(tree: Any, like: Any) -> Any:
@@ -335,7 +432,8 @@ def accumulate(
     >>> int(state.count)
     0
   """
-  num_microbatches = _window.check_num_microbatches(num_microbatches)
+  if not callable(num_microbatches):
+    num_microbatches = _checks.check_num_microbatches(num_microbatches)
   nonfinite = _nonfinite.check_policy(nonfinite)
   if accumulator_dtype is not None:
     accumulator_dtype = jnp.dtype(accumulator_dtype)
@@ -348,68 +446,9 @@ def accumulate(
         'accumulate expects an optax.GradientTransformation as inner, got '
         f'{type(inner).__name__}.'
     )
-  inner = optax.with_extra_args_support(inner)
-  config = _config.Config(num_microbatches, nonfinite)
-
-  def init_fn(params):
-    check_floating(params, 'Params')
-    return AccumulateState(
-        count=jnp.zeros([], jnp.int32),
-        # zeros_like keeps a sharded parameter's sharding (explicit axes).
-        acc=jax.tree.map(
-            lambda p: jnp.zeros_like(p, acc_dtype(jnp.result_type(p),
-                                                  accumulator_dtype)), params),
-        weight=jnp.zeros([], jnp.float32),
-        inner_state=inner.init(params),
-        step=jnp.zeros([], jnp.int32),
-        skipped_microbatches=jnp.zeros([], jnp.int32),
-        skipped_steps=jnp.zeros([], jnp.int32),
-        window_nonfinite=jnp.zeros([], jnp.bool_),
-        config=config,
-    )
-
-  def update_fn(grads, state, params=None, *, weight=None, end_window=None,
-                **extra_args):
-    if not isinstance(state, AccumulateState):
-      raise TypeError(
-          'accumulate.update expects an AccumulateState (from this '
-          f'transform\'s init), got {type(state).__name__}.'
-      )
-    check_same_structure(grads, state.acc, 'grads', 'params')
-    if params is not None:
-      check_same_structure(params, state.acc, 'params', 'accumulator')
-    _config.check_state(tx, state, params)
-    check_floating(grads, 'Gradient')
-    w = jnp.ones([], jnp.float32) if weight is None else check_weight(weight)
-    bad = None
-    if weight is not None or nonfinite != 'propagate':
-      # Selects, not multiplies: a dropped micro-batch adds exact zeros.
-      _, _, grads_in, w, bad = _nonfinite.screen(
-          nonfinite, grads, w, weighted=weight is not None)
-    else:
-      grads_in = grads
-    acc = add_weighted(state.acc, grads_in, w)
-    summed = _nonfinite.count_bad(
-        state._replace(count=state.count + 1, acc=acc,
-                       weight=state.weight + w), bad)
-    length = _window.window_length(num_microbatches, summed.step)
-    ends = summed.count >= length
-    if end_window is not None:
-      ends = ends | _window.check_end_window(end_window)
-
-    def mid(_):
-      return jax.tree.map(jnp.zeros_like, grads), summed
-
-    def end(_):
-      return finish_window(tx, summed, grads, params, extra_args)
-
-    return jax.lax.cond(ends, end, mid, None)
-
-  update_fn.accumulate_config = dict(
-      inner=inner, num_microbatches=num_microbatches,
-      accumulator_dtype=accumulator_dtype, nonfinite=nonfinite)
-  tx = AccumulateTransformation(init_fn, update_fn)
-  return tx
+  config = AccumulateConfig(optax.with_extra_args_support(inner),
+                            num_microbatches, accumulator_dtype, nonfinite)
+  return AccumulateTransformation(config.init, config.update)
 
 
 def flush(
@@ -454,18 +493,11 @@ def flush(
         'flush needs a transform made by accum_jax.accumulate, got '
         f'{type(tx).__name__}.'
     )
-  if not isinstance(state, AccumulateState):
-    raise TypeError(
-        f'flush expects an AccumulateState, got {type(state).__name__}.'
-    )
-  if params is not None:
-    check_same_structure(params, state.acc, 'params',
-                                     'accumulator')
-  _config.check_state(tx, state, params)
+  tx.config.check_state(state, params, 'flush')
   like = params if params is not None else state.acc
 
   def end(_):
-    return finish_window(tx, state, like, params, extra_args)
+    return tx.config.finish_window(state, like, params, extra_args)
 
   def keep(_):
     return jax.tree.map(jnp.zeros_like, like), state

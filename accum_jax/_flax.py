@@ -2,9 +2,9 @@
 
 :func:`linen_train_step` takes a ``flax.training.train_state.TrainState`` (or
 a subclass with ``batch_stats``) and :func:`nnx_train_step` an NNX model and
-its ``nnx.Optimizer``. Both run the core's path: ``_scan.update_step`` (the
-body of :func:`accum_jax.value_and_update`) for an ``accumulate`` optimizer,
-``_scan.scan_microbatches`` for a plain one. So the split, token weighting,
+its ``nnx.Optimizer``. Both build one ``_loop.Loop`` and run
+``_scan.optimizer_step`` (the body of :func:`accum_jax.value_and_update`),
+for an ``accumulate`` optimizer or a plain one. So the split, token weighting,
 RNG folding, dtype and non-finite rules of the core apply, and the model's
 mutable state (BatchNorm statistics, NNX RNG streams) is threaded through the
 micro-batches in order as the scan's extra carry.
@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 try:
@@ -28,21 +27,24 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       'pip install flax (or accum_jax[examples]).'
   ) from e
 
-from accum_jax import _accumulate, _scan, _split, _window
+from accum_jax import _accumulate, _checks, _loop, _scan
 
 
-def _num_microbatches(tx: Any, num_microbatches: int | None, where: str,
-                      who: str) -> int:
-  """The window length: from an accumulate ``tx``, or given for a plain one."""
+def _loop_for(tx: Any, loss_fn: Callable[..., Any],
+              num_microbatches: int | None, where: str, who: str,
+              **options: Any) -> Any:
+  """The loop of one step: ``k`` from an accumulate ``tx``, or given for a
+  plain one."""
   if isinstance(tx, _accumulate.AccumulateTransformation):
-    k = _window.static_num_microbatches(tx, who)
+    loop = _scan.for_transform(tx, loss_fn, who, **options)
+    k = loop.num_microbatches
     if num_microbatches is not None and num_microbatches != k:
       raise ValueError(
           f'{where} is accum_jax.accumulate(..., num_microbatches={k}) but '
           f'num_microbatches={num_microbatches} was passed; leave '
           'num_microbatches out (the transform sets it).'
       )
-    return k
+    return loop
   if num_microbatches is None:
     raise TypeError(
         f'{where} is a {type(tx).__name__}, not an accum_jax.accumulate '
@@ -52,37 +54,20 @@ def _num_microbatches(tx: Any, num_microbatches: int | None, where: str,
         'the optimizer state), or pass num_microbatches=k to average the '
         'gradients of k micro-batches and apply this optimizer once.'
     )
-  return _split.check_num_microbatches(num_microbatches)
+  return _loop.Loop(loss_fn, _checks.check_num_microbatches(num_microbatches),
+                    **options)
 
 
-def _optimizer_step(loss_fn, tx, k, params, opt_state, batch, kwargs, *,
-                    carry, has_aux, weight_fn, stack_aux, remat, where):
-  """One optimizer step over ``batch``: ``(value, updates, opt_state, carry)``.
-
-  With an accumulate ``tx`` this is :func:`accum_jax.value_and_update` (its
-  accumulator is the scan carry, the inner optimizer runs once); with a plain
-  optimizer the mean gradient is formed and ``tx.update`` applied once.
-  """
-  if isinstance(tx, _accumulate.AccumulateTransformation):
-    if not isinstance(opt_state, _accumulate.AccumulateState):
-      raise TypeError(
-          f'{where}.opt_state is a {type(opt_state).__name__}, not the '
-          f'AccumulateState of {where}.tx (an accumulate transform); create '
-          f'it with {where}.tx.init(params), e.g. through '
-          'TrainState.create(..., tx=...) or nnx.Optimizer(model, tx, ...), '
-          'rather than replacing tx on an existing state.'
-      )
-    return _scan.update_step(
-        loss_fn, tx, k, params, opt_state, batch, (), kwargs, has_aux=has_aux,
-        weight_fn=weight_fn, stack_aux=stack_aux, remat=remat, carry=carry)
-  sums, value_like, aux_like, grads_like = _scan.scan_microbatches(
-      loss_fn, params, batch, (), kwargs, num_microbatches=k,
-      has_aux=has_aux, weight_fn=weight_fn, accumulator_dtype=jnp.float32,
-      stack_aux=stack_aux, remat=remat, carry=carry)
-  grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  value = _scan._finish_value(sums, value_like, aux_like, has_aux, stack_aux)
-  return value, updates, opt_state, sums.carry
+def _check_opt_state(tx: Any, opt_state: Any, where: str) -> None:
+  if (isinstance(tx, _accumulate.AccumulateTransformation)
+      and not isinstance(opt_state, _accumulate.AccumulateState)):
+    raise TypeError(
+        f'{where}.opt_state is a {type(opt_state).__name__}, not the '
+        f'AccumulateState of {where}.tx (an accumulate transform); create '
+        f'it with {where}.tx.init(params), e.g. through '
+        'TrainState.create(..., tx=...) or nnx.Optimizer(model, tx, ...), '
+        'rather than replacing tx on an existing state.'
+    )
 
 
 def _mutable_names(state: Any, mutable: str | Sequence[str] | None):
@@ -211,15 +196,17 @@ def linen_train_step(
     True
   """
   tx = state.tx
-  k = _num_microbatches(tx, num_microbatches, 'state.tx', 'linen_train_step')
   names = _mutable_names(state, mutable)
-  carry = ({name: getattr(state, name) for name in names} if names
-           else _scan.NO_CARRY)
-  kwargs = {} if rng is None else {_scan.RNG_KWARG: rng}
-  value, updates, opt_state, new_carry = _optimizer_step(
-      loss_fn, tx, k, state.params, state.opt_state, batch, kwargs,
-      carry=carry, has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
-      remat=remat, where='state')
+  loop = _loop_for(tx, loss_fn, num_microbatches, 'state.tx',
+                   'linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
+                   stack_aux=stack_aux, remat=remat, has_state=bool(names))
+  _check_opt_state(tx, state.opt_state, 'state')
+  model_state = ({name: getattr(state, name) for name in names} if names
+                 else None)
+  kwargs = {} if rng is None else {_loop.RNG_KWARG: rng}
+  value, updates, opt_state, new_carry = _scan.optimizer_step(
+      loop, tx, _loop.inputs(loop, state.params, batch, (), kwargs,
+                             model_state), state.opt_state)
   new_state = state.replace(
       step=state.step + 1,
       params=optax.apply_updates(state.params, updates),
@@ -318,8 +305,6 @@ def nnx_train_step(
         f'{type(optimizer).__name__}.'
     )
   tx = optimizer.tx
-  k = _num_microbatches(tx, num_microbatches, 'optimizer.tx',
-                        'nnx_train_step')
   wrt = optimizer.wrt
   graph = getattr(optimizer, 'graph', None)
   graphdef, params, rest = nnx.split(model, wrt, ..., graph=graph)
@@ -337,12 +322,14 @@ def nnx_train_step(
     _, _, new_rest = nnx.split(module, wrt, ..., graph=graph)
     return out, nnx.as_pure(new_rest)
 
+  loop = _loop_for(tx, loss, num_microbatches, 'optimizer.tx',
+                   'nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
+                   stack_aux=stack_aux, remat=remat, has_state=stateful)
   opt_state = nnx.as_pure(optimizer.opt_state)
-  value, updates, opt_state, new_rest = _optimizer_step(
-      loss, tx, k, params, opt_state, batch, {},
-      carry=rest if stateful else _scan.NO_CARRY, has_aux=has_aux,
-      weight_fn=weight_fn, stack_aux=stack_aux, remat=remat,
-      where='optimizer')
+  _check_opt_state(tx, opt_state, 'optimizer')
+  value, updates, opt_state, new_rest = _scan.optimizer_step(
+      loop, tx, _loop.inputs(loop, params, batch, (), {},
+                             rest if stateful else None), opt_state)
   nnx.update(model, optax.apply_updates(params, updates),
              new_rest if stateful else rest)
   nnx.update(optimizer.opt_state, nnx.state(opt_state, graph=graph))

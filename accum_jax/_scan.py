@@ -1,330 +1,29 @@
-"""The in-step drivers: one ``lax.scan`` over the micro-batches of a batch.
+"""The in-step drivers: one optimizer step (or gradient) over a whole batch.
 
-Both :func:`value_and_grad` and :func:`value_and_update` run the same loop
-(:func:`scan_microbatches`): the carry (gradient sum, weight sum, value sum,
-reduced aux) is built from ``jax.eval_shape``, never by running a micro-batch
-outside the loop, and each micro-batch is differentiated inside the loop body.
+:func:`value_and_grad` and :func:`value_and_update` each build one
+:class:`accum_jax._loop.Loop` and run it with :func:`run`: on one device the
+plain loop (:func:`accum_jax._loop.scan`), on a mesh whose batch axes shard
+the batch the same loop per device, reduced once after it
+(:func:`accum_jax._sharding.scan`). :func:`optimizer_step` is the body of
+:func:`value_and_update`, shared with the Flax helpers.
 """
 
-import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 
-from accum_jax import (
-  _accumulate,
-  _config,
-  _nonfinite,
-  _sharding,
-  _split,
-  _window,
-)
-
-RNG_KWARG = 'rng'
+from accum_jax import _accumulate, _checks, _loop, _nonfinite, _sharding, _sums
 
 
-class _Sums(NamedTuple):
-  grads: Any   # sum_j w_j g_j, accumulator dtype
-  weight: jax.Array  # sum_j w_j, float32
-  value: jax.Array  # sum_j w_j L_j, float32
-  aux: Any  # reduced aux (see _reduce_aux), or None
-  bad: Any = None  # int32 count of micro-batches dropped as non-finite
-  carry: Any = None  # extra state threaded through loss_fn (see `carry`)
-
-
-# Marks "no extra carry": ``None`` is itself a valid (empty) carry pytree.
-NO_CARRY = object()
-
-
-def _fold_rng(kwargs: dict[str, Any], index: jax.Array) -> dict[str, Any]:
-  """Gives micro-batch ``index`` its own key(s): ``fold_in(rng, index)``."""
-  if RNG_KWARG not in kwargs or kwargs[RNG_KWARG] is None:
-    return kwargs
-  rng = jax.tree.map(lambda key: jax.random.fold_in(key, index),
-                     kwargs[RNG_KWARG])
-  return {**kwargs, RNG_KWARG: rng}
-
-
-def _aux_sum_dtype(dtype):
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.floating):
-    return jnp.promote_types(dtype, jnp.float32)
-  return dtype
-
-
-def _reduce_aux_step(carry, aux, weight):
-  """Floating leaves: weighted sum (divided at the end); ints: sum; bools: any."""
-
-  def step(c, a):
-    a = jnp.asarray(a)
-    if jnp.issubdtype(a.dtype, jnp.floating):
-      return c + weight.astype(c.dtype) * a.astype(c.dtype)
-    if a.dtype == jnp.bool_:
-      return c | a
-    return c + a
-
-  return jax.tree.map(step, carry, aux)
-
-
-def _finish_aux(carry, aux_like, total_weight):
-  safe = jnp.where(total_weight > 0, total_weight, 1.0)
-
-  def finish(c, like):
-    if jnp.issubdtype(c.dtype, jnp.floating):
-      return (c / safe.astype(c.dtype)).astype(like.dtype)
-    return c
-
-  return jax.tree.map(finish, carry, aux_like)
-
-
-def _wrap_loss(loss_fn, has_aux, remat, has_carry=False, scaled=False):
-  """Returns ``(params, mb, args, kwargs) -> ((value, (aux, carry)), grads)``.
-
-  With ``scaled``, returns ``(params, mb, args, kwargs, weight) -> ((weight *
-  value, (value, (aux, carry))), weight * grads)``.
-  """
-
-  def loss(params, microbatch, args, kwargs):
-    out = loss_fn(params, microbatch, *args, **kwargs)
-    new_carry = None
-    if has_carry:
-      if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(
-            'With a carried state, loss_fn must return (out, new_state), where '
-            'out is the loss (or (loss, aux) with has_aux=True); got '
-            f'{type(out).__name__}'
-            + (f' of length {len(out)}' if isinstance(out, (tuple, list))
-               else '') + '.'
-        )
-      out, new_carry = out
-    if has_aux:
-      if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        if isinstance(out, (tuple, list)):
-          got = f'a {type(out).__name__} of length {len(out)}'
-        elif hasattr(out, 'shape'):
-          got = f'a single array of shape {jnp.shape(out)}'
-        else:
-          got = type(out).__name__
-        raise TypeError(
-            f'With has_aux=True, loss_fn must return a pair (loss, aux); got '
-            f'{got}.'
-        )
-      value, aux = out
-    else:
-      if isinstance(out, (tuple, list)):
-        raise TypeError(
-            f'loss_fn returned a {type(out).__name__} of length {len(out)}; '
-            'if it returns (loss, aux), pass has_aux=True.'
-        )
-      value, aux = out, None
-    if jnp.shape(value) != ():
-      raise TypeError(
-          'loss_fn must return a scalar loss, got shape '
-          f'{jnp.shape(value)}.'
-      )
-    if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
-      raise TypeError(
-          f'loss_fn must return a floating loss, got {jnp.result_type(value)}.'
-      )
-    return value, (aux, new_carry)
-
-  if remat is not None and remat is not False:
-    policy = None if remat is True else remat
-    loss = jax.checkpoint(loss, policy=policy, static_argnums=())
-  if scaled:
-    def weighted(params, microbatch, args, kwargs, weight):
-      value, aux = loss(params, microbatch, args, kwargs)
-      return weight.astype(value.dtype) * value, (value, aux)
-    return jax.value_and_grad(weighted, has_aux=True)
-  return jax.value_and_grad(loss, has_aux=True)
-
-
-def scan_microbatches(
-    loss_fn: Callable[..., Any],
-    params: Any,
-    batch: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    num_microbatches: int,
-    has_aux: bool,
-    weight_fn: Callable[[Any], Any] | None,
-    accumulator_dtype: Any,
-    stack_aux: bool,
-    remat: Any,
-    init_grads: Any = None,
-    init_weight: jax.Array | None = None,
-    nonfinite: str = 'propagate',
-    num_real: jax.Array | None = None,
-    carry: Any = NO_CARRY,
-    mesh: Any = None,
-    axis_name: Any = None,
-    fsdp_reduce: str = 'per_microbatch',
-):
-  """Runs ``loss_fn`` on every micro-batch of ``batch`` in one ``lax.scan``.
-
-  With ``carry`` (a pytree, e.g. BatchNorm statistics), micro-batch ``j`` is
-  evaluated as ``loss_fn(params, microbatch_j, carry_j, *args, **kwargs)``
-  and must return ``(out, carry_{j+1})``: the state is threaded through the
-  micro-batches in order, and ``sums.carry`` holds the last one. The carry is
-  not differentiated; a padding micro-batch, or one dropped as non-finite,
-  leaves it unchanged.
-
-  On a mesh whose batch axes shard ``batch`` (see :mod:`accum_jax._sharding`)
-  each device scans its own rows and the sums are reduced once, after the loop.
-
-  Returns:
-    ``(sums, value_like, aux_like, grads_like)``: the weighted sums, the
-    abstract loss, aux and gradient of one micro-batch (for dtypes).
-    ``sums.aux`` is the stacked aux when ``stack_aux``.
-  """
-  options = dict(num_microbatches=num_microbatches, has_aux=has_aux,
-                 weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
-                 stack_aux=stack_aux, remat=remat, nonfinite=nonfinite,
-                 num_real=num_real, carry=carry)
-  plan = _sharding.plan(mesh, axis_name, fsdp_reduce, params, batch,
-                        num_microbatches)
+def run(loop: _loop.Loop, inp: _loop.Inputs,
+        start: _sums.Sums | None = None) -> _loop.Result:
+  """Runs ``loop`` here, or split over the mesh that shards the batch."""
+  plan = _sharding.plan(loop.mesh, loop.axis_name, loop.fsdp_reduce,
+                        inp.params, inp.batch, loop.num_microbatches)
   if plan is None:
-    return _scan_local(loss_fn, params, batch, args, kwargs, **options,
-                       init_grads=init_grads, init_weight=init_weight)
-  return _sharding.scan(plan, _scan_local, loss_fn, params, batch, args,
-                        kwargs, **options, init_grads=init_grads,
-                        init_weight=init_weight, rng_kwarg=RNG_KWARG,
-                        sums_type=_Sums, no_carry=NO_CARRY)
-
-
-def _scan_local(
-    loss_fn, params, batch, args, kwargs, *, num_microbatches, has_aux,
-    weight_fn, accumulator_dtype, stack_aux, remat, init_grads=None,
-    init_weight=None, nonfinite='propagate', num_real=None, carry=NO_CARRY,
-):
-  """:func:`scan_microbatches` on the rows this device holds."""
-  k = num_microbatches
-  _accumulate.check_floating(params, 'Params')
-  reshaped = _split.reshape_batch(batch, k)
-  has_carry = carry is not NO_CARRY
-  grad_fn = _wrap_loss(loss_fn, has_aux, remat, has_carry)
-  scaled_grad_fn = _wrap_loss(loss_fn, has_aux, remat, has_carry, scaled=True)
-
-  def one(index, state, prescale=False):
-    microbatch = _split.take_microbatch(reshaped, index)
-    extra = (state,) if has_carry else ()
-    if weight_fn is None:
-      weight = jnp.ones([], jnp.float32)
-    else:
-      # Clamped here, before it seeds the backward pass: a traced negative
-      # weight counts as 0.
-      weight = _accumulate.check_weight(weight_fn(microbatch),
-                                        from_weight_fn=True)
-      weight = jnp.where(weight < 0, jnp.zeros_like(weight), weight)
-    if prescale:
-      (_, (value, (aux, new_state))), grads = scaled_grad_fn(
-          params, microbatch, extra + tuple(args), _fold_rng(kwargs, index),
-          weight)
-    else:
-      (value, (aux, new_state)), grads = grad_fn(
-          params, microbatch, extra + tuple(args), _fold_rng(kwargs, index))
-    return value, aux, grads, weight, new_state
-
-  index0 = jax.ShapeDtypeStruct((), jnp.int32)
-  carry0 = carry if has_carry else None
-  *outs_like, carry_like = jax.eval_shape(one, index0, carry0)
-  value_like, aux_like, grads_like, _ = outs_like
-  _accumulate.check_floating(grads_like, 'Gradient')
-  # Differentiating weight * loss seeds the backward pass with the weight, so
-  # the gradient adds straight into the carry; scaling it afterwards kept a
-  # scatter gradient (an embedding's) in a buffer of its own (+3% on an LM).
-  # Not for a bf16/fp16 loss, whose seed would round the weight.
-  prescale = (weight_fn is not None
-              and jnp.finfo(value_like.dtype).bits >= 32)
-  if has_carry:
-    _check_carry(carry_like, carry0)
-
-  if init_grads is None:
-    init_grads = jax.tree.map(
-        lambda g: jnp.zeros(g.shape, _accumulate.acc_dtype(g.dtype,
-                                                          accumulator_dtype)),
-        grads_like)
-    init_weight = jnp.zeros([], jnp.float32)
-  aux0 = None
-  if has_aux and not stack_aux:
-    aux0 = jax.tree.map(
-        lambda a: jnp.zeros(a.shape, _aux_sum_dtype(a.dtype)), aux_like)
-  bad0 = None if nonfinite == 'propagate' else jnp.zeros([], jnp.int32)
-  init = _Sums(init_grads, init_weight, jnp.zeros([], jnp.float32), aux0,
-               bad0, carry0)
-  # Without weights, padding or a skip policy every micro-batch adds w=1.
-  screened = (weight_fn is not None or num_real is not None
-              or nonfinite != 'propagate')
-
-  @functools.partial(jax.named_call, name='accum_jax_microbatch')
-  def body(sums, index):
-    if num_real is None:
-      value, aux, grads, weight, state = one(index, sums.carry, prescale)
-    else:
-      # Padding micro-batches are not computed at all.
-      value, aux, grads, weight, state = jax.lax.cond(
-          index < num_real, functools.partial(one, prescale=prescale),
-          lambda _, state: (*jax.tree.map(
-              _sharding.zeros_like_struct, outs_like), state),
-          index, sums.carry)
-    bad = None
-    if screened:
-      value, aux, grads, weight, bad = _nonfinite.screen(
-          nonfinite, grads, weight, weighted=weight_fn is not None,
-          real=None if num_real is None else index < num_real, value=value,
-          aux=aux)
-      if has_carry and bad is not None:  # a dropped micro-batch: keep state
-        state = jax.tree.map(lambda old, new: jnp.where(bad > 0, old, new),
-                             sums.carry, state)
-    new = _Sums(
-        # A prescaled gradient already carries its weight.
-        grads=_accumulate.add_weighted(
-            sums.grads, grads, jnp.ones_like(weight) if prescale else weight),
-        weight=sums.weight + weight,
-        value=sums.value + weight * value.astype(jnp.float32),
-        aux=(None if sums.aux is None
-             else _reduce_aux_step(sums.aux, aux, weight)),
-        bad=None if sums.bad is None else sums.bad + bad,
-        carry=state,
-    )
-    return new, (aux if stack_aux else None)
-
-  init = _sharding.match_carry(body, init)  # no-op outside shard_map
-  sums, stacked = jax.lax.scan(body, init, jnp.arange(k, dtype=jnp.int32))
-  if stack_aux:
-    sums = sums._replace(aux=stacked)
-  return sums, value_like, aux_like, grads_like
-
-
-def _check_carry(new_like, carry):
-  """The state loss_fn returns must match the state it was given."""
-  if jax.tree.structure(new_like) != jax.tree.structure(carry):
-    raise ValueError(
-        'loss_fn must return its new state with the structure of the state it '
-        f'was given:\n  given: {jax.tree.structure(carry)}\n  returned: '
-        f'{jax.tree.structure(new_like)}'
-    )
-  for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(new_like),
-                              jax.tree.leaves(carry), strict=True):
-    if (jnp.shape(new), jnp.result_type(new)) != (jnp.shape(old),
-                                                  jnp.result_type(old)):
-      raise ValueError(
-          f'loss_fn returned state leaf {jax.tree_util.keystr(path)} with '
-          f'shape {jnp.shape(new)} and dtype {jnp.result_type(new)}, but it was'
-          f' given shape {jnp.shape(old)} and dtype {jnp.result_type(old)}.'
-      )
-
-
-def _finish_value(sums, value_like, aux_like, has_aux, stack_aux):
-  safe = jnp.where(sums.weight > 0, sums.weight, 1.0)
-  value = (sums.value / safe).astype(value_like.dtype)
-  if not has_aux:
-    return value
-  aux = sums.aux if stack_aux else _finish_aux(sums.aux, aux_like, sums.weight)
-  return value, aux
+    return _loop.scan(loop, inp, start)
+  return _sharding.scan(plan, loop, inp, start)
 
 
 def value_and_grad(
@@ -431,18 +130,17 @@ def value_and_grad(
     >>> bool(jnp.allclose(loss, ref_loss) and jnp.allclose(grads, ref_grads))
     True
   """
-  num_microbatches = _split.check_num_microbatches(num_microbatches)
+  loop = _loop.Loop(
+      loss_fn, _checks.check_num_microbatches(num_microbatches),
+      has_aux=has_aux, weight_fn=weight_fn,
+      accumulator_dtype=accumulator_dtype, stack_aux=stack_aux, remat=remat,
+      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
 
   def f(params, batch, *args, **kwargs):
-    num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
-    sums, value_like, aux_like, grads_like = scan_microbatches(
-        loss_fn, params, batch, args, kwargs,
-        num_microbatches=num_microbatches, has_aux=has_aux,
-        weight_fn=weight_fn, accumulator_dtype=accumulator_dtype,
-        stack_aux=stack_aux, remat=remat, num_real=num_real, mesh=mesh,
-        axis_name=axis_name, fsdp_reduce=fsdp_reduce)
-    grads = _accumulate.mean_of(sums.grads, sums.weight, grads_like)
-    return _finish_value(sums, value_like, aux_like, has_aux, stack_aux), grads
+    result = run(loop, _loop.inputs(loop, params, batch, args, kwargs))
+    grads = _sums.mean_of(result.sums.grads, result.sums.weight,
+                          result.shapes.grads)
+    return result.sums.finish(result.shapes, has_aux), grads
 
   return f
 
@@ -512,51 +210,59 @@ def value_and_update(
         f' num_microbatches), got {type(tx).__name__}. Wrap your optimizer: '
         'accum_jax.accumulate(optax.adam(1e-3), num_microbatches=8).'
     )
-  num_microbatches = _window.static_num_microbatches(tx, 'value_and_update')
+  loop = for_transform(tx, loss_fn, 'value_and_update', has_aux=has_aux,
+                       weight_fn=weight_fn, stack_aux=stack_aux, remat=remat,
+                       mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
 
   def f(params, opt_state, batch, *args, **kwargs):
-    value, updates, opt_state, _ = update_step(
-        loss_fn, tx, num_microbatches, params, opt_state, batch, args, kwargs,
-        has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
-        remat=remat, mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
+    value, updates, opt_state, _ = optimizer_step(
+        loop, tx, _loop.inputs(loop, params, batch, args, kwargs), opt_state)
     return value, updates, opt_state
 
   return f
 
 
-def update_step(loss_fn, tx, num_microbatches, params, opt_state, batch, args,
-                kwargs, *, has_aux, weight_fn, stack_aux, remat,
-                carry=NO_CARRY, mesh=None, axis_name=None,
-                fsdp_reduce='per_microbatch'):
-  """The body of :func:`value_and_update`, with an optional ``carry``.
+def for_transform(tx: _accumulate.AccumulateTransformation,
+                  loss_fn: Callable[..., Any], who: str,
+                  **options: Any) -> _loop.Loop:
+  """The :class:`accum_jax._loop.Loop` of an ``accumulate`` transform's step:
+  its ``k``, accumulator dtype and non-finite policy."""
+  config = tx.config
+  return _loop.Loop(loss_fn, config.static_num_microbatches(who),
+                    accumulator_dtype=config.accumulator_dtype,
+                    nonfinite=config.nonfinite, **options)
 
-  Returns ``(value, updates, opt_state, carry)``; the Flax helpers use it to
-  thread model state (BatchNorm statistics, RNG streams) through the loop.
+
+def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
+                   opt_state: Any) -> tuple[Any, Any, Any, Any]:
+  """One optimizer step over ``inp.batch``: ``(value, updates, opt_state,
+  state)``, with ``state`` the threaded state after the last micro-batch.
+
+  With an ``accumulate`` ``tx`` its accumulator is the loop's carry and its
+  inner optimizer runs once, after the loop; with a plain optimizer the mean
+  gradient is formed in a fresh accumulator and ``tx.update`` applied once.
   """
+  if not isinstance(tx, _accumulate.AccumulateTransformation):
+    result = run(loop, inp)
+    grads = _sums.mean_of(result.sums.grads, result.sums.weight,
+                          result.shapes.grads)
+    updates, opt_state = tx.update(grads, opt_state, inp.params)
+    return (result.sums.finish(result.shapes, loop.has_aux), updates,
+            opt_state, result.state)
   if not isinstance(opt_state, _accumulate.AccumulateState):
     raise TypeError(
         'value_and_update expects the AccumulateState made by tx.init, got '
         f'{type(opt_state).__name__}.'
     )
-  _accumulate.check_same_structure(params, opt_state.acc, 'params',
-                                   'accumulator')
-  _config.check_state(tx, opt_state, params)
-  num_real, kwargs = _window.pop_num_real(kwargs, num_microbatches)
-  sums, value_like, aux_like, grads_like = scan_microbatches(
-      loss_fn, params, batch, args, kwargs,
-      num_microbatches=num_microbatches, has_aux=has_aux,
-      weight_fn=weight_fn, accumulator_dtype=tx.accumulator_dtype,
-      stack_aux=stack_aux, remat=remat, init_grads=opt_state.acc,
-      init_weight=opt_state.weight, nonfinite=tx.nonfinite,
-      num_real=num_real, carry=carry, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce)
+  tx.config.check_state(opt_state, inp.params, 'value_and_update')
+  start = _sums.Sums(opt_state.acc, opt_state.weight, None, None, None)
+  result = run(loop, inp, start)
+  sums = result.sums
   summed = _nonfinite.count_bad(
       opt_state._replace(acc=sums.grads, weight=sums.weight), sums.bad)
   # With unit weights, all micro-batches real and nothing skipped, the
   # window's weight is >= k > 0: no empty-window guard (it costs memory).
-  guard = (weight_fn is not None or num_real is not None
-           or tx.nonfinite != 'propagate')
-  updates, opt_state = _accumulate.finish_window(
-      tx, summed, grads_like, params, {}, guard=guard)
-  value = _finish_value(sums, value_like, aux_like, has_aux, stack_aux)
-  return value, updates, opt_state, sums.carry
+  guard = loop.screened or inp.num_real is not None
+  updates, opt_state = tx.config.finish_window(
+      summed, result.shapes.grads, inp.params, {}, guard=guard)
+  return sums.finish(result.shapes, loop.has_aux), updates, opt_state, result.state

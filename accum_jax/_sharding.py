@@ -18,8 +18,8 @@ before the loop (``'per_step'``: a local, unsharded accumulator and one
 reduce-scatter after the loop).
 """
 
+import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from accum_jax import _nonfinite, _split
+from accum_jax import _loop, _split, _sums
+from accum_jax._varying import to_varying, varying_axes
 
 FSDP_REDUCE = ('per_microbatch', 'per_step')
 
@@ -83,49 +84,6 @@ def _spec_mesh(tree) -> Any:
     if isinstance(sharding, NamedSharding) and not sharding.mesh.empty:
       return sharding.mesh
   return None
-
-
-def varying_axes(x) -> frozenset:
-  """The manual mesh axes over which ``x`` (array or ShapeDtypeStruct) varies."""
-  aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
-  manual = getattr(aval, 'manual_axis_type', None)
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, 'vma', ()))
-
-
-def to_varying(x, axes: tuple[str, ...]):
-  """``x`` marked device-varying over ``axes`` (a no-op at run time)."""
-  missing = tuple(a for a in axes if a not in varying_axes(x))
-  return jax.lax.pcast(x, missing, to='varying') if missing else x
-
-
-def zeros_like_struct(like: jax.ShapeDtypeStruct) -> jax.Array:
-  """Zeros of ``like``'s shape and dtype, device-varying where it is."""
-  zeros = jnp.zeros(like.shape, like.dtype)
-  axes = tuple(varying_axes(like))
-  return to_varying(zeros, axes) if axes else zeros
-
-
-def match_carry(body: Callable[..., Any], init: Any) -> Any:
-  """Makes a scan carry as device-varying as the body makes it.
-
-  Inside a ``shard_map`` a loop whose body adds a device-varying gradient to
-  a carry initialised with (invariant) zeros fails to type-check. Outside any
-  manual axes this returns ``init`` untouched, without tracing ``body``.
-  """
-  if not jax.sharding.get_abstract_mesh().manual_axes:
-    return init
-  index = jax.ShapeDtypeStruct((), jnp.int32)
-  for _ in range(4):  # a fixed point; each pass can only add varying axes
-    out, _ = jax.eval_shape(body, init, index)
-    new = jax.tree.map(lambda x, o: to_varying(x, tuple(varying_axes(o))),
-                       init, out)
-    if all(varying_axes(a) == varying_axes(b) for a, b in
-           zip(jax.tree.leaves(new), jax.tree.leaves(init), strict=True)):
-      return new
-    init = new
-  return init
 
 
 def _resolve_mesh(mesh, batch):
@@ -260,13 +218,6 @@ def _reduce_grad(g, spec: P, axes, scatter: bool):
   return _psum(g, rest)
 
 
-def _reduce_leaf(a, axes):
-  """Sums over the devices; booleans are OR-ed."""
-  if a.dtype == jnp.bool_:
-    return _psum(a.astype(jnp.int32), axes) > 0
-  return _psum(a, axes)
-
-
 def _agree(x, axes):
   """One value of a carried state for all devices: a state that depends on
   the device's rows (e.g. BatchNorm statistics) is averaged over the devices
@@ -277,30 +228,6 @@ def _agree(x, axes):
   if jnp.issubdtype(x.dtype, jnp.floating):
     return jax.lax.pmean(x, varying)
   return jax.lax.pmax(x, varying)
-
-
-def _weighted_mean(a, weights, total, axes):
-  """Per micro-batch (leading axis) weighted mean over the devices."""
-  w = weights.reshape(weights.shape + (1,) * (a.ndim - 1))
-  safe = jnp.where(total > 0, total, 1.0).reshape(w.shape)
-  wide = jnp.promote_types(a.dtype, jnp.float32)
-  return (_psum(w.astype(wide) * a.astype(wide), axes)
-          / safe.astype(wide)).astype(a.dtype)
-
-
-def _weight_of(weight_fn, microbatch):
-  if weight_fn is None:
-    return jnp.ones([], jnp.float32)
-  weight = weight_fn(microbatch)
-  if jnp.ndim(weight) != 0:
-    raise ValueError(
-        'weight_fn must return a scalar weight per micro-batch, got an array '
-        f'of shape {jnp.shape(weight)}.'
-    )
-  _nonfinite.check_concrete_weight(weight, 'The weight_fn weight')
-  weight = jnp.asarray(weight, jnp.float32)
-  # As in the loop: a traced negative weight counts as 0.
-  return jnp.where(weight < 0, jnp.zeros_like(weight), weight)
 
 
 def _global_like(param, grad_like):
@@ -319,118 +246,50 @@ def _plain(like):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), like)
 
 
-def scan(
-    plan_: Plan,
-    local_scan: Callable[..., Any],
-    loss_fn: Callable[..., Any],
-    params: Any,
-    batch: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    has_aux: bool,
-    weight_fn: Callable[[Any], Any] | None,
-    stack_aux: bool,
-    init_grads: Any,
-    init_weight: jax.Array | None,
-    rng_kwarg: str,
-    sums_type: Any,
-    no_carry: Any = None,
-    **options: Any,
-):
-  """``local_scan`` on every device's rows, reduced once after the loop.
-
-  Same contract as :func:`accum_jax._scan.scan_microbatches`.
-  """
+def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
+         start: _sums.Sums | None = None) -> _loop.Result:
+  """:func:`accum_jax._loop.scan` on every device's rows, reduced once after
+  the loop; same contract."""
   axes = plan_.axes
   specs = plan_.param_specs
   per_step = plan_.fsdp_reduce == 'per_step'
   scattered = not per_step and any(len(s) for s in jax.tree.leaves(specs))
-  nonfinite = options.get('nonfinite', 'propagate')
-  if scattered and nonfinite != 'propagate':
+  if scattered and loop.nonfinite != 'propagate':
     raise ValueError(
-        f"nonfinite={nonfinite!r} with parameters sharded over the batch axes "
-        f"{axes} needs fsdp_reduce='per_step': with 'per_microbatch' a "
+        f"nonfinite={loop.nonfinite!r} with parameters sharded over the batch "
+        f"axes {axes} needs fsdp_reduce='per_step': with 'per_microbatch' a "
         'gradient is reduce-scattered before it can be screened, so no device '
         'sees a whole micro-batch gradient.'
     )
-  num_real = options.pop('num_real', None)
-  carry = options.pop('carry', no_carry)
-  has_carry = carry is not no_carry
-  likes = {}
+  local = loop
+  if scattered:
+    # The gathers' transpose reduce-scatters each micro-batch's gradient
+    # inside the differentiated function, so a weight must seed it there.
 
-  def device_fn(params, batch, args, kwargs, num_real, carry):
-    if kwargs.get(rng_kwarg) is not None:
-      # Devices draw independent keys for their rows of a micro-batch.
-      index = jax.lax.axis_index(axes)
-      kwargs = {**kwargs, rng_kwarg: jax.tree.map(
-          lambda key: jax.random.fold_in(key, index), kwargs[rng_kwarg])}
-    gathered = loss_fn
+    def gathered(shards, microbatch, *args, **kwargs):
+      return loop.loss_fn(jax.tree.map(_gather, shards, specs), microbatch,
+                          *args, **kwargs)
+
+    local = dataclasses.replace(loop, loss_fn=gathered,
+                                prescale=loop.weight_fn is not None)
+  shapes = []
+
+  def reduce_grads(grads):
+    return jax.tree.map(
+        lambda g, s: _reduce_grad(g, s, axes, scatter=per_step), grads, specs)
+
+  def device_fn(params, batch, args, kwargs, num_real, state):
+    # Devices draw independent keys for their rows of a micro-batch.
+    kwargs = _loop.fold_rng(kwargs, jax.lax.axis_index(axes))
     if per_step:
       params = jax.tree.map(_gather, params, specs)
-    elif scattered:
-
-      def gathered(shards, microbatch, *a, **kw):
-        return loss_fn(jax.tree.map(_gather, shards, specs), microbatch, *a,
-                       **kw)
-
-    # With the gradient reduce-scattered inside the differentiated function,
-    # each device's weight must be applied before that reduction: the loss is
-    # pre-weighted and the loop sums with unit weights. The weights also
-    # travel as aux when the aux is stacked (for the mean over devices).
-    pre_weight = scattered and (weight_fn is not None or has_aux)
-    carry_weight = pre_weight or (stack_aux and has_aux)
-    fn = gathered
-    if carry_weight:
-
-      def fn(p, microbatch, *a, **kw):
-        out = gathered(p, microbatch, *a, **kw)
-        value, aux = out if has_aux else (out, None)
-        weight = _weight_of(weight_fn, microbatch)
-        if pre_weight:
-          likes['value'] = jax.ShapeDtypeStruct(jnp.shape(value),
-                                                jnp.result_type(value))
-          value = weight.astype(jnp.result_type(value)) * value
-          if not stack_aux:
-            aux = jax.tree.map(
-                lambda x: weight.astype(x.dtype) * x
-                if jnp.issubdtype(x.dtype, jnp.floating) else x, aux)
-        return value, (aux, weight)
-
     # Invariant (replicated) params would get a psum in the loop body.
     params = jax.tree.map(lambda p: to_varying(p, axes), params)
-    sums, value_like, aux_like, grads_like = local_scan(
-        fn, params, batch, args, kwargs, has_aux=has_aux or carry_weight,
-        weight_fn=None if pre_weight else weight_fn, stack_aux=stack_aux,
-        num_real=num_real, **options,
-        **({'carry': carry} if has_carry else {}))
-    likes.setdefault('value', value_like)
-    likes.update(aux=aux_like[0] if carry_weight else aux_like,
-                 grads=grads_like)
-    grads = jax.tree.map(
-        lambda g, s: _reduce_grad(g, s, axes, scatter=per_step), sums.grads,
-        specs)
-    aux, weight = sums.aux, sums.weight
-    if carry_weight:
-      aux, weights = aux
-      if pre_weight:
-        weight = jnp.sum(weights) if stack_aux else weights
-      if not has_aux:
-        aux = likes['aux'] = None
-    if stack_aux and has_aux:
-      # Per micro-batch, the weighted mean over the devices, as over the loop.
-      total = _psum(weights, axes)
-      aux = jax.tree.map(
-          lambda a: _weighted_mean(a, weights, total, axes)
-          if jnp.issubdtype(a.dtype, jnp.floating) else _reduce_leaf(a, axes),
-          aux)
-    elif aux is not None:
-      # Weighted sums (floats), counts (ints), any (bools): sum over devices.
-      aux = jax.tree.map(lambda a: _reduce_leaf(a, axes), aux)
-    bad = None if sums.bad is None else _psum(sums.bad, axes)
-    new_carry = jax.tree.map(lambda c: _agree(c, axes), sums.carry)
-    return (grads, _psum(weight, axes), _psum(sums.value, axes), aux, bad,
-            new_carry)
+    result = _loop.scan(local, _loop.Inputs(params, batch, args, kwargs,
+                                            num_real, state))
+    shapes.append(result.shapes)
+    return (result.sums.reduce(axes, reduce_grads),
+            jax.tree.map(lambda c: _agree(c, axes), result.state))
 
   if plan_.inside:
     run = device_fn
@@ -438,29 +297,18 @@ def scan(
     run = jax.shard_map(
         device_fn, mesh=plan_.mesh,
         in_specs=(specs, P(axes), P(), P(), P(), P()),
-        out_specs=(specs, P(), P(), P(), P(), P()),
+        out_specs=(_sums.Sums(specs, P(), P(), P(), P(), P()), P()),
         axis_names=frozenset(axes))
-  grads, weight, value, aux, bad, new_carry = run(
-      params, batch, args, kwargs, num_real, carry if has_carry else None)
-  if weight_fn is None:
+  sums, state = run(inp.params, inp.batch, inp.args, inp.kwargs,
+                    inp.num_real, inp.state)
+  if loop.weight_fn is None:
     # Unit weights: a device's share of a micro-batch weighs 1 / num_shards,
     # so a micro-batch weighs 1 as on one device (the mean is unchanged, and
     # a window left part-full by cross-step updates is weighted the same).
-    scale = 1.0 / plan_.num_shards
-
-    def shrink(x):
-      return x * jnp.asarray(scale, x.dtype)
-
-    grads, weight, value = jax.tree.map(shrink, (grads, weight, value))
-    if aux is not None and not stack_aux:
-      aux = jax.tree.map(
-          lambda a: shrink(a) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-          aux)
-  if init_grads is not None:
-    # A window left part-full before this call joins this step's sums.
-    grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), init_grads, grads)
-    weight = init_weight + weight
-  grads_like = jax.tree.map(_global_like, params, likes['grads'])
-  sums = sums_type(grads, weight, value, aux, bad,
-                   new_carry if has_carry else None)
-  return sums, _plain(likes['value']), _plain(likes['aux']), grads_like
+    sums = sums.scaled(1.0 / plan_.num_shards)
+  if start is not None:
+    sums = sums.joined(start.grads, start.weight)
+  (local_shapes,) = shapes
+  return _loop.Result(sums, state, _sums.Shapes(
+      _plain(local_shapes.value), _plain(local_shapes.aux),
+      jax.tree.map(_global_like, inp.params, local_shapes.grads)))

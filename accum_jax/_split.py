@@ -7,35 +7,12 @@ along its leading axis therefore stays sharded: every device keeps the rows it
 already holds, and no transposed copy of the batch is ever made.
 """
 
-import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-
-def check_num_microbatches(num_microbatches: Any) -> int:
-  """Returns ``num_microbatches`` as an int, or raises a clear error."""
-  if isinstance(num_microbatches, bool) or not isinstance(
-      num_microbatches, int
-  ):
-    try:
-      value = operator.index(num_microbatches)
-    except TypeError:
-      raise TypeError(
-          'num_microbatches must be a Python int >= 1, got '
-          f'{num_microbatches!r} of type {type(num_microbatches).__name__}.'
-      ) from None
-    if isinstance(num_microbatches, bool):
-      raise TypeError(
-          f'num_microbatches must be a Python int >= 1, got {num_microbatches!r}.'
-      )
-    num_microbatches = value
-  if num_microbatches < 1:
-    raise ValueError(
-        f'num_microbatches must be >= 1, got {num_microbatches}.'
-    )
-  return num_microbatches
+from accum_jax._checks import check_num_microbatches
 
 
 def batch_size(batch: Any, num_microbatches: int) -> int:

@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
-from accum_jax import _hlo  # noqa: E402
+from benchmarks import hlo as _hlo  # noqa: E402
 
 OPS = ('all-reduce', 'reduce-scatter', 'all-gather', 'all-to-all',
        'collective-permute')

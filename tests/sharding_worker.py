@@ -24,7 +24,8 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
-from accum_jax import _hlo, _scan  # noqa: E402
+from accum_jax import _loop, _scan  # noqa: E402
+from benchmarks import hlo as _hlo  # noqa: E402
 
 B = 64
 KS = (1, 2, 4, 8)
@@ -325,9 +326,9 @@ def dp_extra(rec, mesh):
       return loss_fn(p, b), 0.9 * state + 0.1 * jnp.mean(b['x'], axis=0)
 
     def stat_step(p, s, b, c, tx=tx):
-      return _scan.update_step(stat_loss, tx, k, p, s, b, (), {},
-                               has_aux=False, weight_fn=None, stack_aux=False,
-                               remat=None, carry=c)
+      loop = _scan.for_transform(tx, stat_loss, 'stat_step', has_state=True)
+      return _scan.optimizer_step(loop, tx, _loop.inputs(loop, p, b, (), {}, c),
+                                  s)
 
     _, updates, _, carried = jax.jit(stat_step)(
         ps, jax.jit(tx.init)(ps), bs, jnp.zeros(16))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import accum_jax
-from accum_jax import _hlo
+from benchmarks import hlo as _hlo
 
 HERE = pathlib.Path(__file__).parent
 CONFIGS = ('dp', 'fsdp', '2d')

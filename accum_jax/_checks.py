@@ -1,0 +1,100 @@
+"""Checks on what users pass in, each raising a clear error at trace time.
+
+Every public entry point validates its inputs here, so a bad input names the
+argument, the leaf and the fix instead of failing deep inside a loop.
+"""
+
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def path_name(path) -> str:
+  return jax.tree_util.keystr(path) or '<root>'
+
+
+def check_floating(tree: Any, what: str) -> None:
+  """Raises a TypeError naming the first non-floating leaf of ``tree``."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f'{what} leaf {path_name(path)} has dtype {dtype}; accum_jax '
+          'accumulates floating-point gradients only. Keep integer or boolean '
+          'values out of the differentiated pytree (e.g. in a separate '
+          'argument or a non-trainable collection).'
+      )
+
+
+def check_same_structure(tree: Any, reference: Any, what: str,
+                         reference_what: str) -> None:
+  """Raises a ValueError if ``tree`` and ``reference`` differ in structure."""
+  treedef = jax.tree.structure(tree)
+  ref_treedef = jax.tree.structure(reference)
+  if treedef != ref_treedef:
+    raise ValueError(
+        f'The {what} pytree does not match the {reference_what} it was '
+        f'initialised with:\n  {what}: {treedef}\n  {reference_what}: '
+        f'{ref_treedef}'
+    )
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree),
+                          jax.tree.leaves(reference)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+          f'The {what} leaf {path_name(path)} has shape {jnp.shape(a)} but '
+          f'the {reference_what} has shape {jnp.shape(b)}.'
+      )
+
+
+def check_concrete_weight(weight: Any, what: str) -> None:
+  """Raises for a negative weight known at trace time (traced ones count as 0)."""
+  if isinstance(weight, jax.core.Tracer):
+    return
+  value = np.asarray(weight)
+  if value < 0:
+    raise ValueError(f'{what} must be >= 0, got {value.item()!r}.')
+
+
+def check_weight(weight: Any, *, from_weight_fn: bool = False) -> jax.Array:
+  """Returns ``weight`` as a float32 scalar, or raises if it is not a scalar.
+
+  A concrete negative weight raises too (a traced one is clamped later).
+  ``from_weight_fn`` words the errors for a ``weight_fn``'s output.
+  """
+  if jnp.ndim(weight) != 0:
+    what = ('weight_fn must return a scalar weight per micro-batch'
+            if from_weight_fn else 'A micro-batch weight must be a scalar')
+    raise ValueError(
+        f'{what}, got an array of shape {jnp.shape(weight)}.'
+    )
+  check_concrete_weight(
+      weight, 'The weight_fn weight' if from_weight_fn
+      else 'A micro-batch weight')
+  return jnp.asarray(weight, jnp.float32)
+
+
+def check_num_microbatches(num_microbatches: Any) -> int:
+  """Returns ``num_microbatches`` as an int, or raises a clear error."""
+  if isinstance(num_microbatches, bool) or not isinstance(
+      num_microbatches, int
+  ):
+    try:
+      value = operator.index(num_microbatches)
+    except TypeError:
+      raise TypeError(
+          'num_microbatches must be a Python int >= 1, got '
+          f'{num_microbatches!r} of type {type(num_microbatches).__name__}.'
+      ) from None
+    if isinstance(num_microbatches, bool):
+      raise TypeError(
+          f'num_microbatches must be a Python int >= 1, got {num_microbatches!r}.'
+      )
+    num_microbatches = value
+  if num_microbatches < 1:
+    raise ValueError(
+        f'num_microbatches must be >= 1, got {num_microbatches}.'
+    )
+  return num_microbatches

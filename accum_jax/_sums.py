@@ -1,0 +1,227 @@
+"""What a micro-batch loop adds up, and how the sums are finished and reduced.
+
+One :class:`Sums` is the loop's running total: the weighted gradient sum, the
+weight sum, the weighted loss sum, the reduced aux and the count of
+micro-batches dropped as non-finite. The loop body calls :meth:`Sums.add`
+with each micro-batch's :class:`Micro` and knows nothing else; on a mesh,
+:meth:`Sums.reduce` sums every device's totals once, after the loop; the
+drivers call :meth:`Sums.finish` for the value and aux of the whole batch.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from accum_jax import _varying
+
+
+class Shapes(NamedTuple):
+  """Abstract outputs of one micro-batch (``jax.ShapeDtypeStruct`` trees)."""
+
+  value: Any
+  aux: Any
+  grads: Any
+
+
+class Micro(NamedTuple):
+  """What one micro-batch adds: its loss, aux, gradient and weight.
+
+  Attributes:
+    value: the micro-batch's loss.
+    aux: its aux (a pytree, or None).
+    grads: its gradient; already multiplied by ``weight`` when ``prescaled``.
+    weight: float32 scalar.
+    bad: int32 0/1, whether it was dropped as non-finite (None under
+      ``'propagate'``).
+    prescaled: whether ``grads`` already carries the weight.
+  """
+
+  value: jax.Array
+  aux: Any
+  grads: Any
+  weight: jax.Array
+  bad: Any
+  prescaled: bool
+
+
+def sum_dtype(dtype) -> jnp.dtype:
+  """Floating values are summed in at least float32; others in their dtype."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.promote_types(dtype, jnp.float32)
+  return dtype
+
+
+def acc_dtype(dtype, accumulator_dtype) -> jnp.dtype:
+  """The accumulator dtype for a gradient of ``dtype``: never narrower."""
+  if accumulator_dtype is None:
+    return jnp.dtype(dtype)
+  return jnp.promote_types(dtype, accumulator_dtype)
+
+
+def add_weighted(acc: Any, grads: Any, weight: jax.Array) -> Any:
+  """``acc + weight * grads``, computed in the accumulator's dtype."""
+  return jax.tree.map(lambda a, g: a + weight.astype(a.dtype) * g.astype(a.dtype),
+                      acc, grads)
+
+
+def mean_of(acc: Any, total_weight: jax.Array, like: Any) -> Any:
+  """``acc / total_weight`` in the dtypes of ``like``; 0 for a zero weight."""
+  safe = jnp.where(total_weight > 0, total_weight, 1.0)
+  return jax.tree.map(
+      lambda a, g: (a / safe.astype(a.dtype)).astype(g.dtype), acc, like)
+
+
+def _psum(x, axes):
+  if not axes:
+    return x
+  return jax.lax.psum(_varying.to_varying(x, axes), axes)
+
+
+def _reduce_leaf(a, axes):
+  """Sums over the devices; booleans are OR-ed."""
+  if a.dtype == jnp.bool_:
+    return _psum(a.astype(jnp.int32), axes) > 0
+  return _psum(a, axes)
+
+
+def _weighted_mean(a, weights, total, axes):
+  """Per micro-batch (leading axis) weighted mean over the devices."""
+  w = weights.reshape(weights.shape + (1,) * (a.ndim - 1))
+  safe = jnp.where(total > 0, total, 1.0).reshape(w.shape)
+  wide = jnp.promote_types(a.dtype, jnp.float32)
+  return (_psum(w.astype(wide) * a.astype(wide), axes)
+          / safe.astype(wide)).astype(a.dtype)
+
+
+def _floating(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+class Sums(NamedTuple):
+  """The running totals of a micro-batch loop.
+
+  Attributes:
+    grads: ``sum_j w_j g_j`` in the accumulator dtype.
+    weight: ``sum_j w_j``, float32.
+    value: ``sum_j w_j L_j``, float32.
+    aux: floating leaves ``sum_j w_j a_j``, integer leaves summed, boolean
+      leaves OR-ed; or, stacked, each micro-batch's aux (leading axis ``k``);
+      None without aux.
+    bad: int32 count of micro-batches dropped as non-finite (None under
+      ``'propagate'``).
+    aux_weights: with stacked aux, each micro-batch's weight (shape ``(k,)``),
+      for the mean over devices; else None.
+  """
+
+  grads: Any
+  weight: jax.Array
+  value: jax.Array
+  aux: Any
+  bad: Any
+  aux_weights: Any = None
+
+  @classmethod
+  def zeros(cls, shapes: Shapes, accumulator_dtype: Any, *, reduce_aux: bool,
+            count_bad: bool, grads: Any = None,
+            weight: jax.Array | None = None) -> 'Sums':
+    """Empty sums for micro-batches of ``shapes``, or starting from ``grads``
+    and ``weight`` (a window left part-full)."""
+    if grads is None:
+      grads = jax.tree.map(
+          lambda g: jnp.zeros(g.shape, acc_dtype(g.dtype, accumulator_dtype)),
+          shapes.grads)
+      weight = jnp.zeros([], jnp.float32)
+    aux = None
+    if reduce_aux and shapes.aux is not None:
+      aux = jax.tree.map(lambda a: jnp.zeros(a.shape, sum_dtype(a.dtype)),
+                         shapes.aux)
+    bad = jnp.zeros([], jnp.int32) if count_bad else None
+    return cls(grads, weight, jnp.zeros([], jnp.float32), aux, bad)
+
+  def add(self, micro: Micro) -> 'Sums':
+    """The sums with one more micro-batch."""
+    w = micro.weight
+
+    def add_aux(c, a):
+      a = jnp.asarray(a)
+      if jnp.issubdtype(a.dtype, jnp.floating):
+        return c + w.astype(c.dtype) * a.astype(c.dtype)
+      if a.dtype == jnp.bool_:
+        return c | a
+      return c + a
+
+    return Sums(
+        grads=add_weighted(self.grads, micro.grads,
+                           jnp.ones_like(w) if micro.prescaled else w),
+        weight=self.weight + w,
+        value=self.value + w * micro.value.astype(jnp.float32),
+        aux=None if self.aux is None else jax.tree.map(add_aux, self.aux,
+                                                       micro.aux),
+        bad=None if self.bad is None else self.bad + micro.bad,
+        aux_weights=self.aux_weights,
+    )
+
+  def reduce(self, axes: tuple[str, ...],
+             reduce_grads: Callable[[Any], Any]) -> 'Sums':
+    """Every device's totals summed over the mesh ``axes``, once.
+
+    ``reduce_grads`` sums the gradients into their own sharding (a ``psum``,
+    or a ``psum_scatter`` for sharded parameters). Stacked aux becomes the
+    per-micro-batch weighted mean over the devices (``aux_weights`` then
+    the weights summed over the devices).
+    """
+    aux, total = self.aux, None
+    if self.aux_weights is not None:
+      total = _psum(self.aux_weights, axes)
+      aux = jax.tree.map(
+          lambda a: _weighted_mean(a, self.aux_weights, total, axes)
+          if _floating(a) else _reduce_leaf(a, axes), aux)
+    elif aux is not None:
+      aux = jax.tree.map(lambda a: _reduce_leaf(a, axes), aux)
+    return Sums(
+        grads=reduce_grads(self.grads),
+        weight=_psum(self.weight, axes),
+        value=_psum(self.value, axes),
+        aux=aux,
+        bad=None if self.bad is None else _psum(self.bad, axes),
+        aux_weights=total,
+    )
+
+  def scaled(self, factor: float) -> 'Sums':
+    """Every weighted total times ``factor`` (counts and stacked aux kept)."""
+
+    def scale(x):
+      return x * jnp.asarray(factor, x.dtype)
+
+    aux = self.aux
+    if aux is not None and self.aux_weights is None:
+      aux = jax.tree.map(lambda a: scale(a) if _floating(a) else a, aux)
+    return self._replace(grads=jax.tree.map(scale, self.grads),
+                         weight=scale(self.weight), value=scale(self.value),
+                         aux=aux)
+
+  def joined(self, grads: Any, weight: jax.Array) -> 'Sums':
+    """The sums with a part-full window's ``grads`` and ``weight`` added."""
+    return self._replace(
+        grads=jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads,
+                           self.grads),
+        weight=weight + self.weight)
+
+  def finish(self, shapes: Shapes, has_aux: bool) -> Any:
+    """The whole batch's value, or ``(value, aux)``: weighted means."""
+    safe = jnp.where(self.weight > 0, self.weight, 1.0)
+    value = (self.value / safe).astype(shapes.value.dtype)
+    if not has_aux:
+      return value
+    if self.aux_weights is not None or self.aux is None:
+      return value, self.aux
+
+    def finish_aux(c, like):
+      if jnp.issubdtype(c.dtype, jnp.floating):
+        return (c / safe.astype(c.dtype)).astype(like.dtype)
+      return c
+
+    return value, jax.tree.map(finish_aux, self.aux, shapes.aux)
