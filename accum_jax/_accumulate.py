@@ -19,30 +19,6 @@ from accum_jax import _checks, _nonfinite
 from accum_jax._sums import acc_dtype, add_weighted, mean_of
 
 
-@jax.tree_util.register_static
-class Config:
-  """A static (leafless) record of how an :class:`AccumulateState` was made:
-  ``num_microbatches`` (an int, or ``'schedule'``) and the nonfinite policy."""
-
-  def __init__(self, num_microbatches: Any, nonfinite: str):
-    self.num_microbatches = ('schedule' if callable(num_microbatches)
-                             else num_microbatches)
-    self.nonfinite = nonfinite
-
-  def _key(self):
-    return (self.num_microbatches, self.nonfinite)
-
-  def __eq__(self, other):
-    return isinstance(other, Config) and self._key() == other._key()
-
-  def __hash__(self):
-    return hash(self._key())
-
-  def __repr__(self):
-    return (f'accumulate(num_microbatches={self.num_microbatches!r}, '
-            f'nonfinite={self.nonfinite!r})')
-
-
 class AccumulateState(NamedTuple):
   """State of :func:`accumulate`.
 
@@ -61,20 +37,20 @@ class AccumulateState(NamedTuple):
       because of non-finite values.
     window_nonfinite: bool scalar, whether the current window has seen a
       non-finite micro-batch.
-    config: static (leafless) record of the ``accumulate`` that made the state,
-      so that a state from a different transform is caught at trace time.
+
+  It holds arrays only, so every serializer (pickle, orbax,
+  ``flax.serialization``) takes it as it is; how it is used (``k``, the
+  policy) is the transform's business.
   """
 
   count: jax.Array
   acc: optax.Updates
   weight: jax.Array
   inner_state: optax.OptState
-  # Defaults keep the four-field constructor working; init() fills them all.
-  step: jax.Array = np.zeros([], np.int32)
-  skipped_microbatches: jax.Array = np.zeros([], np.int32)
-  skipped_steps: jax.Array = np.zeros([], np.int32)
-  window_nonfinite: jax.Array = np.zeros([], np.bool_)
-  config: Config | None = None
+  step: jax.Array
+  skipped_microbatches: jax.Array
+  skipped_steps: jax.Array
+  window_nonfinite: jax.Array
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
@@ -119,6 +95,13 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
     return self.config.nonfinite
 
 
+def _acc_leaves(acc: Any, params: Any):
+  """``(path, accumulator leaf, param leaf or the accumulator leaf)``."""
+  like = jax.tree.leaves(params) if params is not None else jax.tree.leaves(acc)
+  return [(path, a, p) for (path, a), p in
+          zip(jax.tree_util.tree_leaves_with_path(acc), like)]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AccumulateConfig:
   """How an :func:`accumulate` transform was built, and what it does.
@@ -138,10 +121,6 @@ class AccumulateConfig:
   accumulator_dtype: jnp.dtype | None
   nonfinite: str
 
-  def record(self) -> Config:
-    """The static record a state made by this transform carries."""
-    return Config(self.num_microbatches, self.nonfinite)
-
   def static_num_microbatches(self, who: str) -> int:
     """``k`` for a driver that needs a static window length."""
     if callable(self.num_microbatches):
@@ -159,19 +138,20 @@ class AccumulateConfig:
     if not callable(self.num_microbatches):
       return self.num_microbatches
     length = self.num_microbatches(jnp.asarray(step, jnp.int32))
-    if jnp.ndim(length) != 0 or not jnp.issubdtype(jnp.result_type(length),
+    if np.ndim(length) != 0 or not jnp.issubdtype(jnp.result_type(length),
                                                     jnp.integer):
       raise TypeError(
           'A num_microbatches schedule must return an integer scalar, got '
-          f'shape {jnp.shape(length)} and dtype {jnp.result_type(length)}.'
+          f'shape {np.shape(length)} and dtype {jnp.result_type(length)}.'
       )
     return jnp.maximum(jnp.asarray(length, jnp.int32), 1)
 
   def check_state(self, state: Any, params: Any, who: str) -> None:
     """Raises a clear error if ``state`` was not made by this ``init``.
 
-    Compares the static record (``k`` and policy) and the inner state's
-    structure with what ``inner.init`` makes for these params.
+    Compares the accumulator's dtypes and the inner state's structure with
+    what this transform's ``init`` makes for these params. (A state made
+    with another ``k`` or policy is a valid state: it holds the same arrays.)
     """
     if not isinstance(state, AccumulateState):
       raise TypeError(
@@ -180,14 +160,16 @@ class AccumulateConfig:
       )
     if params is not None:
       _checks.check_same_structure(params, state.acc, 'params', 'accumulator')
-    expected = self.record()
-    if state.config is not None and state.config != expected:
-      raise ValueError(
-          f'The AccumulateState was made by {state.config} but is used with '
-          f'{expected}. Create the state with this transform\'s init (to '
-          'change k of a run, start a new window: tx.init(params)._replace('
-          'inner_state=old_state.inner_state)).'
-      )
+    for path, acc, like in _acc_leaves(state.acc, params):
+      want = acc_dtype(jnp.result_type(like), self.accumulator_dtype)
+      if jnp.result_type(acc) != want:
+        raise ValueError(
+            f'The AccumulateState\'s accumulator leaf {_checks.path_name(path)}'
+            f' has dtype {jnp.result_type(acc)}, but this accumulate sums '
+            f'{jnp.result_type(like)} gradients in {want} (accumulator_dtype='
+            f'{self.accumulator_dtype}). Create the state with this '
+            'transform\'s init.'
+        )
     like = params if params is not None else state.acc
     try:
       inner_like = jax.eval_shape(self.inner.init, like)
@@ -205,6 +187,15 @@ class AccumulateConfig:
 
   def init(self, params: optax.Params) -> 'AccumulateState':
     _checks.check_floating(params, 'Params')
+    inner_state = self.inner.init(params)
+    if any(isinstance(x, AccumulateState) for x in jax.tree.leaves(
+        inner_state, is_leaf=lambda x: isinstance(x, AccumulateState))):
+      raise TypeError(
+          'accumulate(inner, k) got an inner optimizer that contains an '
+          'accum_jax.accumulate: the two windows would stack (k * k '
+          'micro-steps per update). Accumulate once, around the whole '
+          'optimizer.'
+      )
     return AccumulateState(
         count=jnp.zeros([], jnp.int32),
         # zeros_like keeps a sharded parameter's sharding (explicit axes).
@@ -213,12 +204,11 @@ class AccumulateConfig:
                                                   self.accumulator_dtype)),
             params),
         weight=jnp.zeros([], jnp.float32),
-        inner_state=self.inner.init(params),
+        inner_state=inner_state,
         step=jnp.zeros([], jnp.int32),
         skipped_microbatches=jnp.zeros([], jnp.int32),
         skipped_steps=jnp.zeros([], jnp.int32),
         window_nonfinite=jnp.zeros([], jnp.bool_),
-        config=self.record(),
     )
 
   def update(self, grads: optax.Updates, state: 'AccumulateState',
@@ -243,20 +233,34 @@ class AccumulateConfig:
                        weight=state.weight + w), bad)
     ends = summed.count >= self.window_length(summed.step)
     if end_window is not None:
-      if jnp.ndim(end_window) != 0:
+      if np.ndim(end_window) != 0:
         raise ValueError(
             'end_window must be a scalar bool, got an array of shape '
-            f'{jnp.shape(end_window)}.'
+            f'{np.shape(end_window)}.'
         )
       ends = ends | jnp.asarray(end_window, jnp.bool_)
 
     def mid(_):
-      return jax.tree.map(jnp.zeros_like, grads), summed
+      return self.zero_updates(grads, state.inner_state, params,
+                               extra_args), summed
 
     def end(_):
       return self.finish_window(summed, grads, params, extra_args)
 
     return jax.lax.cond(ends, end, mid, None)
+
+  def zero_updates(self, grads_like: Any, inner_state: Any,
+                   params: optax.Params | None,
+                   extra_args: dict[str, Any]) -> optax.Updates:
+    """Zeros with the dtypes the inner optimizer gives its updates for
+    gradients like ``grads_like`` (mid-window and skipped-window updates)."""
+    like = jax.eval_shape(
+        lambda g, s, p: self.inner.update(g, s, p, **extra_args)[0],
+        jax.tree.map(lambda g: jax.ShapeDtypeStruct(np.shape(g),
+                                                    jnp.result_type(g)),
+                     grads_like), inner_state, params)
+    return jax.tree.map(lambda g, u: jnp.zeros_like(g, dtype=u.dtype),
+                        grads_like, like)
 
   def finish_window(
       self,
@@ -281,14 +285,14 @@ class AccumulateConfig:
       mean = mean_of(acc, weight, grads_like)
       updates, new_inner = self.inner.update(mean, inner_state, params,
                                              **extra_args)
-      # Keep both branches (and a scan carry around them) dtype-stable:
-      # updates come back in the gradients' dtypes, the inner state in its
-      # own.
-      return cast_like(updates, grads_like), cast_like(new_inner, inner_state)
+      # Updates come back as the inner optimizer makes them; the inner state
+      # keeps its dtypes (a scan carry around it stays stable).
+      return updates, cast_like(new_inner, inner_state)
 
     def skip(operand):
       _, _, inner_state = operand
-      return jax.tree.map(jnp.zeros_like, grads_like), inner_state
+      return self.zero_updates(grads_like, inner_state, params,
+                               extra_args), inner_state
 
     operand = (state.acc, state.weight, state.inner_state)
     skipped_step = None
@@ -344,6 +348,48 @@ def reset(state: AccumulateState, inner_state, updates, *,
   )
 
 
+_REWRITES = (
+    # (state types of the wrapper, how to write it, its usual example)
+    ((optax.MultiTransformState,), 'optax.multi_transform(...)',
+     "optax.multi_transform({'a': optax.adamw(1e-3), 'b': optax.sgd(1e-2)}, "
+     'labels)'),
+    ((optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState),
+     'optax.inject_hyperparams(...)(...)',
+     'optax.inject_hyperparams(optax.adamw)(learning_rate=schedule)'),
+    ((tuple,), 'optax.chain(...)',
+     'optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))'),
+)
+
+
+def nested_error(opt_state: Any, who: str) -> TypeError | None:
+  """The error for an ``accumulate`` nested inside another transform.
+
+  Inside ``optax.chain`` (or ``inject_hyperparams``, ``multi_transform``) an
+  ``accumulate`` only holds back the updates; what runs before it runs on
+  every micro-batch (per-micro-step clipping), and a driver that accumulated
+  again would stack two windows. The fix is always to accumulate the whole
+  optimizer. Returns None when ``opt_state`` holds no ``AccumulateState``.
+  """
+  if isinstance(opt_state, AccumulateState):
+    return None
+  found = [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, AccumulateState))
+           if isinstance(x, AccumulateState)]
+  if not found:
+    return None
+  wrapper, example = next(
+      ((w, e) for types, w, e in _REWRITES if isinstance(opt_state, types)),
+      (f'{type(opt_state).__name__}(...)', 'your_optimizer'))
+  return TypeError(
+      f'{who}: the optimizer is an {wrapper} that contains an '
+      'accum_jax.accumulate. Nested there, the transforms around it would run '
+      'on every micro-batch instead of once per window, and accumulating '
+      f'again would stack two windows. Accumulate the whole optimizer: '
+      f'accum_jax.accumulate({wrapper}, k), e.g. '
+      f'accum_jax.accumulate({example}, k).'
+  )
+
+
 def accumulate(
     inner: optax.GradientTransformation,
     num_microbatches: int | Callable[[jax.Array], Any],
@@ -359,8 +405,10 @@ def accumulate(
   .. math::
     \bar g = \sum_j w_j g_j \,/\, \sum_j w_j,
 
-  cast back to the gradients' dtype, and the window starts again. On the other
-  calls the updates are zeros (structure and dtype of ``grads``) and the inner
+  cast back to the gradients' dtype, and the window starts again. The updates
+  have the dtypes the inner optimizer gives them for such gradients, as
+  ``optax.MultiSteps``' do. On the other calls the updates are zeros (of the
+  same structure and dtypes) and the inner
   state is left bit-identical: the inner update sits in a ``lax.cond`` branch
   and is not computed. So clipping, weight decay, the step count and any
   learning-rate schedule of ``inner`` see one step per window.
@@ -435,12 +483,7 @@ def accumulate(
   if not callable(num_microbatches):
     num_microbatches = _checks.check_num_microbatches(num_microbatches)
   nonfinite = _nonfinite.check_policy(nonfinite)
-  if accumulator_dtype is not None:
-    accumulator_dtype = jnp.dtype(accumulator_dtype)
-    if not jnp.issubdtype(accumulator_dtype, jnp.floating):
-      raise TypeError(
-          f'accumulator_dtype must be a floating dtype, got {accumulator_dtype}.'
-      )
+  accumulator_dtype = _checks.check_accumulator_dtype(accumulator_dtype)
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         'accumulate expects an optax.GradientTransformation as inner, got '
@@ -500,6 +543,7 @@ def flush(
     return tx.config.finish_window(state, like, params, extra_args)
 
   def keep(_):
-    return jax.tree.map(jnp.zeros_like, like), state
+    return tx.config.zero_updates(like, state.inner_state, params,
+                                  extra_args), state
 
   return jax.lax.cond(state.count > 0, end, keep, None)

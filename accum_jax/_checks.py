@@ -16,9 +16,23 @@ def path_name(path) -> str:
   return jax.tree_util.keystr(path) or '<root>'
 
 
+def is_array_like(x: Any) -> bool:
+  """An array, a tracer, a ShapeDtypeStruct or a Python/NumPy number."""
+  return hasattr(x, 'dtype') or isinstance(x, (bool, int, float, complex))
+
+
 def check_floating(tree: Any, what: str) -> None:
   """Raises a TypeError naming the first non-floating leaf of ``tree``."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not is_array_like(leaf):
+      raise TypeError(
+          f'{what} leaf {path_name(path)} is a {type(leaf).__name__} '
+          f'({leaf!r:.60}), not an array: accum_jax differentiates pytrees of '
+          'arrays. An Equinox module holds functions and other static '
+          'leaves: pass its arrays only, eqx.filter(model, '
+          'eqx.is_inexact_array), and combine them with the rest inside your '
+          'loss (eqx.partition / eqx.combine).'
+      )
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
@@ -42,10 +56,10 @@ def check_same_structure(tree: Any, reference: Any, what: str,
     )
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree),
                           jax.tree.leaves(reference)):
-    if jnp.shape(a) != jnp.shape(b):
+    if np.shape(a) != np.shape(b):
       raise ValueError(
-          f'The {what} leaf {path_name(path)} has shape {jnp.shape(a)} but '
-          f'the {reference_what} has shape {jnp.shape(b)}.'
+          f'The {what} leaf {path_name(path)} has shape {np.shape(a)} but '
+          f'the {reference_what} has shape {np.shape(b)}.'
       )
 
 
@@ -64,11 +78,13 @@ def check_weight(weight: Any, *, from_weight_fn: bool = False) -> jax.Array:
   A concrete negative weight raises too (a traced one is clamped later).
   ``from_weight_fn`` words the errors for a ``weight_fn``'s output.
   """
-  if jnp.ndim(weight) != 0:
-    what = ('weight_fn must return a scalar weight per micro-batch'
-            if from_weight_fn else 'A micro-batch weight must be a scalar')
+  what = ('weight_fn must return a scalar weight per micro-batch'
+          if from_weight_fn else 'A micro-batch weight must be a scalar')
+  if not is_array_like(weight):
+    raise TypeError(f'{what} (a number or 0-d array), got {weight!r:.60}.')
+  if np.ndim(weight) != 0:
     raise ValueError(
-        f'{what}, got an array of shape {jnp.shape(weight)}.'
+        f'{what}, got an array of shape {np.shape(weight)}.'
     )
   check_concrete_weight(
       weight, 'The weight_fn weight' if from_weight_fn
@@ -98,3 +114,15 @@ def check_num_microbatches(num_microbatches: Any) -> int:
         f'num_microbatches must be >= 1, got {num_microbatches}.'
     )
   return num_microbatches
+
+
+def check_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
+  """A floating dtype (or None), else a TypeError naming the argument."""
+  if accumulator_dtype is None:
+    return None
+  dtype = jnp.dtype(accumulator_dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f'accumulator_dtype must be a floating dtype, got {dtype}.'
+    )
+  return dtype

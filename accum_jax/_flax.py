@@ -30,11 +30,21 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from accum_jax import _accumulate, _checks, _loop, _scan
 
 
-def _loop_for(tx: Any, loss_fn: Callable[..., Any],
+def _loop_for(tx: Any, opt_state: Any, loss_fn: Callable[..., Any],
               num_microbatches: int | None, where: str, who: str,
               **options: Any) -> Any:
   """The loop of one step: ``k`` from an accumulate ``tx``, or given for a
-  plain one."""
+  plain one (which must not hide an accumulate)."""
+  nested = (None if isinstance(tx, _accumulate.AccumulateTransformation)
+            else _accumulate.nested_error(opt_state, who))
+  if nested is not None:
+    if num_microbatches is not None:
+      raise TypeError(
+          f'{who}: num_microbatches={num_microbatches} was given, but '
+          f'{where} contains an accum_jax.accumulate, whose window would '
+          f'stack on this one. {nested.args[0].split(". ", 2)[-1]}'
+      )
+    raise nested
   if isinstance(tx, _accumulate.AccumulateTransformation):
     loop = _scan.for_transform(tx, loss_fn, who, **options)
     k = loop.num_microbatches
@@ -197,7 +207,8 @@ def linen_train_step(
   """
   tx = state.tx
   names = _mutable_names(state, mutable)
-  loop = _loop_for(tx, loss_fn, num_microbatches, 'state.tx',
+  loop = _loop_for(tx, state.opt_state, loss_fn, num_microbatches,
+                   'state.tx',
                    'linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
                    stack_aux=stack_aux, remat=remat, has_state=bool(names))
   _check_opt_state(tx, state.opt_state, 'state')
@@ -322,10 +333,10 @@ def nnx_train_step(
     _, _, new_rest = nnx.split(module, wrt, ..., graph=graph)
     return out, nnx.as_pure(new_rest)
 
-  loop = _loop_for(tx, loss, num_microbatches, 'optimizer.tx',
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  loop = _loop_for(tx, opt_state, loss, num_microbatches, 'optimizer.tx',
                    'nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
                    stack_aux=stack_aux, remat=remat, has_state=stateful)
-  opt_state = nnx.as_pure(optimizer.opt_state)
   _check_opt_state(tx, opt_state, 'optimizer')
   value, updates, opt_state, new_rest = _scan.optimizer_step(
       loop, tx, _loop.inputs(loop, params, batch, (), {},

@@ -13,6 +13,8 @@ backward pass is seeded with the weight) or weighted as it is added.
 
 import dataclasses
 import functools
+import inspect
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -65,10 +67,59 @@ class Loop:
   axis_name: Any = None
   fsdp_reduce: str = 'per_microbatch'
 
+  def __post_init__(self):
+    _checks.check_accumulator_dtype(self.accumulator_dtype)
+    object.__setattr__(self, 'remat', remat_policy(self.remat))
+
   @property
   def screened(self) -> bool:
     """Whether a micro-batch's weight can differ from 1 (or it be dropped)."""
     return self.weight_fn is not None or self.nonfinite != 'propagate'
+
+
+def _policies() -> dict[str, Any]:
+  """The ``jax.checkpoint_policies`` that are policies (not factories)."""
+  out = {}
+  for name in dir(jax.checkpoint_policies):
+    fn = getattr(jax.checkpoint_policies, name)
+    try:
+      first = next(iter(inspect.signature(fn).parameters), None)
+    except (TypeError, ValueError):
+      continue
+    if first in ('prim', '_'):
+      out[name] = fn
+  return out
+
+
+def remat_policy(remat: Any) -> Any:
+  """``remat`` as None, True or a policy; also by the names the planner
+  prints: ``'none'``, ``'full'``, a ``jax.checkpoint_policies`` policy name
+  (``'dots_saveable'``) or ``'save_only_these_names(a, b)'``."""
+  if not isinstance(remat, str):
+    if remat is not None and not isinstance(remat, bool) and not callable(
+        remat):
+      raise TypeError(
+          'remat must be None, True, a jax.checkpoint_policies policy or its '
+          f'name; got {remat!r}.'
+      )
+    return remat
+  names = _policies()
+  if remat == 'none':
+    return None
+  if remat == 'full':
+    return True
+  if remat in names:
+    return names[remat]
+  match = re.fullmatch(r'save_only_these_names\((.*)\)', remat)
+  if match:
+    return jax.checkpoint_policies.save_only_these_names(
+        *[n.strip() for n in match.group(1).split(',') if n.strip()])
+  raise ValueError(
+      f'remat={remat!r} is not a remat option; use None, True, a '
+      'jax.checkpoint_policies policy, or one of the names '
+      f"{['none', 'full', *sorted(names)]} or "
+      "'save_only_these_names(name, ...)'."
+  )
 
 
 class Inputs(NamedTuple):
@@ -110,10 +161,10 @@ def inputs(loop: Loop, params, batch, args, kwargs, state=None) -> Inputs:
 
 
 def check_num_real(r: Any, num_microbatches: int) -> jax.Array:
-  if jnp.ndim(r) != 0 or not jnp.issubdtype(jnp.result_type(r), jnp.integer):
+  if np.ndim(r) != 0 or not jnp.issubdtype(jnp.result_type(r), jnp.integer):
     raise TypeError(
         f'{NUM_REAL_KWARG} must be an integer scalar, got shape '
-        f'{jnp.shape(r)} and dtype {jnp.result_type(r)}.'
+        f'{np.shape(r)} and dtype {jnp.result_type(r)}.'
     )
   if not isinstance(r, jax.core.Tracer):
     value = int(np.asarray(r))
@@ -153,7 +204,7 @@ def _split_out(loop: Loop, out):
       if isinstance(out, (tuple, list)):
         got = f'a {type(out).__name__} of length {len(out)}'
       elif hasattr(out, 'shape'):
-        got = f'a single array of shape {jnp.shape(out)}'
+        got = f'a single array of shape {np.shape(out)}'
       else:
         got = type(out).__name__
       raise TypeError(
@@ -168,10 +219,19 @@ def _split_out(loop: Loop, out):
           'if it returns (loss, aux), pass has_aux=True.'
       )
     value, aux = out, None
-  if jnp.shape(value) != ():
+  if isinstance(value, (bool, int, float, np.number)):
+    value = jnp.asarray(value)  # a constant loss, as jax.value_and_grad takes
+  if not hasattr(value, 'dtype'):
+    hint = (' (to return more than the loss, return (loss, aux) with '
+            'has_aux=True)' if isinstance(value, (dict, tuple, list)) else '')
+    raise TypeError(
+        f'loss_fn must return a scalar loss, got a {type(value).__name__}'
+        f'{hint}.'
+    )
+  if np.shape(value) != ():
     raise TypeError(
         'loss_fn must return a scalar loss, got shape '
-        f'{jnp.shape(value)}.'
+        f'{np.shape(value)}.'
     )
   if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
     raise TypeError(
@@ -219,11 +279,11 @@ def _weight(loop: Loop, microbatch) -> jax.Array:
   return jnp.where(weight < 0, jnp.zeros_like(weight), weight)
 
 
-def scan(loop: Loop, inp: Inputs, start: _sums.Sums | None = None) -> Result:
+def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   """Runs ``loop`` on every micro-batch of ``inp.batch`` in one ``lax.scan``.
 
-  ``start`` (grads and weight of a window left part-full) seeds the sums; its
-  gradient buffer is the scan's carry. With a threaded state, micro-batch
+  ``start`` (the gradient sum of a window left part-full) seeds the gradient
+  sum; its buffer is the scan's carry. With a threaded state, micro-batch
   ``j`` sees the state left by micro-batch ``j - 1`` and the result holds the
   last one; a padding or dropped micro-batch leaves it unchanged.
   """
@@ -258,8 +318,7 @@ def scan(loop: Loop, inp: Inputs, start: _sums.Sums | None = None) -> Result:
       shapes, loop.accumulator_dtype,
       reduce_aux=loop.has_aux and not loop.stack_aux,
       count_bad=loop.nonfinite != 'propagate',
-      grads=None if start is None else start.grads,
-      weight=None if start is None else start.weight)
+      grads=start)
   num_real = inp.num_real
   screened = loop.screened or num_real is not None
 
@@ -307,10 +366,10 @@ def _check_state(new_like, state):
     )
   for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(new_like),
                               jax.tree.leaves(state), strict=True):
-    if (jnp.shape(new), jnp.result_type(new)) != (jnp.shape(old),
+    if (np.shape(new), jnp.result_type(new)) != (np.shape(old),
                                                   jnp.result_type(old)):
       raise ValueError(
           f'loss_fn returned state leaf {jax.tree_util.keystr(path)} with '
-          f'shape {jnp.shape(new)} and dtype {jnp.result_type(new)}, but it was'
-          f' given shape {jnp.shape(old)} and dtype {jnp.result_type(old)}.'
+          f'shape {np.shape(new)} and dtype {jnp.result_type(new)}, but it was'
+          f' given shape {np.shape(old)} and dtype {jnp.result_type(old)}.'
       )

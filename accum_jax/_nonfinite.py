@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 POLICIES = ('propagate', 'skip_microbatch', 'skip_step')
 
@@ -26,15 +25,6 @@ def check_policy(policy: Any) -> str:
         f'{policy!r}.'
     )
   return policy
-
-
-def check_concrete_weight(weight: Any, what: str) -> None:
-  """Raises for a negative weight known at trace time (traced ones count as 0)."""
-  if isinstance(weight, jax.core.Tracer):
-    return
-  value = np.asarray(weight)
-  if value < 0:
-    raise ValueError(f'{what} must be >= 0, got {value.item()!r}.')
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -117,9 +107,10 @@ def count_bad(state: Any, bad: jax.Array | None) -> Any:
 
 
 def window_ok(policy: str, state: Any) -> jax.Array:
-  """Whether a finished window is applied: positive weight, and no non-finite
-  micro-batch under ``'skip_step'``."""
-  ok = state.weight > 0
+  """Whether a finished window is applied: a weight that is not 0 (a NaN
+  weight under ``'propagate'`` propagates), and no non-finite micro-batch
+  under ``'skip_step'``."""
+  ok = ~(state.weight <= 0)
   if policy == 'skip_step':
     ok = ok & ~jnp.asarray(state.window_nonfinite, jnp.bool_)
   return ok

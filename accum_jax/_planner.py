@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
-from accum_jax import _accumulate
+from accum_jax import _checks
 
 
 class CompiledMemory(NamedTuple):
@@ -207,26 +208,19 @@ def _table(candidates, budget, chosen=None) -> str:
 
 
 def _leading_size(tree: Any, argnum: int) -> int:
-  sizes = {jax.numpy.shape(x)[0] for x in jax.tree.leaves(tree)
-           if jax.numpy.ndim(x) > 0}
+  sizes = {np.shape(x)[0] for x in jax.tree.leaves(tree) if np.ndim(x) > 0}
   if len(sizes) != 1:
     raise ValueError(
         f'Argument {argnum} (batch_argnum) must be a pytree whose leaves share '
         f'a leading batch axis; found leading sizes {sorted(sizes)}.'
     )
   (size,) = sizes
+  if size < 1:
+    raise ValueError(
+        f'Argument {argnum} (batch_argnum) is a batch of 0 rows; the planner '
+        'needs an example batch of the size you will train with.'
+    )
   return size
-
-
-def _without_accumulate_config(tree: Any) -> Any:
-  def strip(x):
-    if isinstance(x, _accumulate.AccumulateState):
-      return x._replace(config=None)
-    return x
-
-  return jax.tree.map(
-      strip, tree,
-      is_leaf=lambda x: isinstance(x, _accumulate.AccumulateState))
 
 
 def plan_microbatches(
@@ -256,9 +250,7 @@ def plan_microbatches(
       e.g. one built with :func:`accum_jax.value_and_update` on
       ``accumulate(inner, num_microbatches)`` with ``remat=remat``. Its state
       structure must not depend on ``k`` (an :class:`AccumulateState` does
-      not: the ``k`` it records is ignored here), so the same example
-      ``args`` serve every ``k``. Train with a state made by the planned
-      transform's ``init``.
+      not), so the same example ``args`` serve every ``k``.
     *args: example arguments of the step (arrays or ``ShapeDtypeStruct``).
     batch_argnum: the position of the batch in ``args``; its leaves' shared
       leading size is the batch size.
@@ -319,8 +311,13 @@ def plan_microbatches(
   if num_microbatches is None:
     ks = [k for k in range(1, size + 1) if size % k == 0]
   else:
-    ks = sorted(set(int(k) for k in num_microbatches))
-    bad = [k for k in ks if k < 1 or size % k]
+    ks = sorted({_checks.check_num_microbatches(k) for k in num_microbatches})
+    if not ks:
+      raise ValueError(
+          'num_microbatches is empty; give the k to try (e.g. [1, 2, 4, 8]) '
+          'or None for every divisor of the batch size.'
+      )
+    bad = [k for k in ks if size % k]
     if bad:
       raise ValueError(
           f'num_microbatches {bad} do not divide the batch size {size}.'
@@ -329,10 +326,6 @@ def plan_microbatches(
   if not remat:
     raise ValueError('remat must name at least one option, e.g. (None,).')
 
-  # An AccumulateState records the k it was made with, and the drivers check
-  # it; the example state stands for every k tried, so its record is dropped.
-  args = _without_accumulate_config(args)
-  kwargs = _without_accumulate_config(kwargs)
   candidates = []
   chosen = None
   for k in ks:

@@ -17,8 +17,9 @@ from accum_jax import _accumulate, _checks, _loop, _nonfinite, _sharding, _sums
 
 
 def run(loop: _loop.Loop, inp: _loop.Inputs,
-        start: _sums.Sums | None = None) -> _loop.Result:
-  """Runs ``loop`` here, or split over the mesh that shards the batch."""
+        start: Any = None) -> _loop.Result:
+  """Runs ``loop`` here, or split over the mesh that shards the batch;
+  ``start`` is the gradient sum of a window left part-full."""
   plan = _sharding.plan(loop.mesh, loop.axis_name, loop.fsdp_reduce,
                         inp.params, inp.batch, loop.num_microbatches)
   if plan is None:
@@ -205,11 +206,17 @@ def value_and_update(
     True
   """
   if not isinstance(tx, _accumulate.AccumulateTransformation):
-    raise TypeError(
-        'value_and_update needs a transform made by accum_jax.accumulate(inner,'
-        f' num_microbatches), got {type(tx).__name__}. Wrap your optimizer: '
-        'accum_jax.accumulate(optax.adam(1e-3), num_microbatches=8).'
-    )
+
+    def refuse(params, opt_state, *args, **kwargs):
+      # An accumulate nested in a chain is only visible in its state.
+      raise _accumulate.nested_error(opt_state, 'value_and_update') or TypeError(
+          'value_and_update needs a transform made by accum_jax.accumulate('
+          f'inner, num_microbatches), got {type(tx).__name__}. Wrap your '
+          'optimizer: accum_jax.accumulate(optax.adam(1e-3), '
+          'num_microbatches=8).'
+      )
+
+    return refuse
   loop = for_transform(tx, loss_fn, 'value_and_update', has_aux=has_aux,
                        weight_fn=weight_fn, stack_aux=stack_aux, remat=remat,
                        mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
@@ -255,11 +262,11 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
         f'{type(opt_state).__name__}.'
     )
   tx.config.check_state(opt_state, inp.params, 'value_and_update')
-  start = _sums.Sums(opt_state.acc, opt_state.weight, None, None, None)
-  result = run(loop, inp, start)
+  result = run(loop, inp, opt_state.acc)
   sums = result.sums
   summed = _nonfinite.count_bad(
-      opt_state._replace(acc=sums.grads, weight=sums.weight), sums.bad)
+      opt_state._replace(acc=sums.grads, weight=opt_state.weight + sums.weight),
+      sums.bad)
   # With unit weights, all micro-batches real and nothing skipped, the
   # window's weight is >= k > 0: no empty-window guard (it costs memory).
   guard = loop.screened or inp.num_real is not None

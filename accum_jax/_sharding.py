@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -238,7 +239,7 @@ def _global_like(param, grad_like):
     mesh = jax.typeof(param).sharding.mesh
     if AxisType.Explicit in mesh.axis_types:
       sharding = jax.typeof(param).sharding
-  return jax.ShapeDtypeStruct(jnp.shape(param), grad_like.dtype,
+  return jax.ShapeDtypeStruct(np.shape(param), grad_like.dtype,
                               sharding=sharding)
 
 
@@ -247,7 +248,7 @@ def _plain(like):
 
 
 def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
-         start: _sums.Sums | None = None) -> _loop.Result:
+         start: Any = None) -> _loop.Result:
   """:func:`accum_jax._loop.scan` on every device's rows, reduced once after
   the loop; same contract."""
   axes = plan_.axes
@@ -307,7 +308,7 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
     # a window left part-full by cross-step updates is weighted the same).
     sums = sums.scaled(1.0 / plan_.num_shards)
   if start is not None:
-    sums = sums.joined(start.grads, start.weight)
+    sums = sums.joined(start)
   (local_shapes,) = shapes
   return _loop.Result(sums, state, _sums.Shapes(
       _plain(local_shapes.value), _plain(local_shapes.aux),

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from accum_jax._checks import check_num_microbatches
 
@@ -27,7 +28,7 @@ def batch_size(batch: Any, num_microbatches: int) -> int:
     raise ValueError('The batch has no array leaves to split into micro-batches.')
   sizes = {}
   for path, leaf in leaves:
-    shape = jnp.shape(leaf)
+    shape = np.shape(leaf)
     name = jax.tree_util.keystr(path) or '<batch>'
     if not shape:
       raise ValueError(

@@ -105,8 +105,12 @@ class Sums(NamedTuple):
 
   Attributes:
     grads: ``sum_j w_j g_j`` in the accumulator dtype.
-    weight: ``sum_j w_j``, float32.
-    value: ``sum_j w_j L_j``, float32.
+    weight: ``sum_j w_j``, float32, over this loop's micro-batches (a window
+      left part-full before it is the caller's to add).
+    value: the weighted mean ``sum_j w_j L_j / sum_j w_j`` so far, kept as a
+      running mean in at least float32 (float64 under x64), so that a finite
+      mean stays finite where the sum would overflow; 0 while the weight is
+      0.
     aux: floating leaves ``sum_j w_j a_j``, integer leaves summed, boolean
       leaves OR-ed; or, stacked, each micro-batch's aux (leading axis ``k``);
       None without aux.
@@ -125,21 +129,21 @@ class Sums(NamedTuple):
 
   @classmethod
   def zeros(cls, shapes: Shapes, accumulator_dtype: Any, *, reduce_aux: bool,
-            count_bad: bool, grads: Any = None,
-            weight: jax.Array | None = None) -> 'Sums':
-    """Empty sums for micro-batches of ``shapes``, or starting from ``grads``
-    and ``weight`` (a window left part-full)."""
+            count_bad: bool, grads: Any = None) -> 'Sums':
+    """Empty sums for micro-batches of ``shapes``; the gradient sum starts
+    from ``grads`` when given (a window left part-full, whose buffer then
+    serves as the loop's carry)."""
     if grads is None:
       grads = jax.tree.map(
           lambda g: jnp.zeros(g.shape, acc_dtype(g.dtype, accumulator_dtype)),
           shapes.grads)
-      weight = jnp.zeros([], jnp.float32)
     aux = None
     if reduce_aux and shapes.aux is not None:
       aux = jax.tree.map(lambda a: jnp.zeros(a.shape, sum_dtype(a.dtype)),
                          shapes.aux)
     bad = jnp.zeros([], jnp.int32) if count_bad else None
-    return cls(grads, weight, jnp.zeros([], jnp.float32), aux, bad)
+    return cls(grads, jnp.zeros([], jnp.float32),
+               jnp.zeros([], sum_dtype(shapes.value.dtype)), aux, bad)
 
   def add(self, micro: Micro) -> 'Sums':
     """The sums with one more micro-batch."""
@@ -153,11 +157,16 @@ class Sums(NamedTuple):
         return c | a
       return c + a
 
+    weight = self.weight + w
+    value = micro.value.astype(self.value.dtype)
+    share = jnp.where(weight == 0, 0, w.astype(value.dtype)
+                      / weight.astype(value.dtype))  # NaN for a NaN weight
     return Sums(
         grads=add_weighted(self.grads, micro.grads,
                            jnp.ones_like(w) if micro.prescaled else w),
-        weight=self.weight + w,
-        value=self.value + w * micro.value.astype(jnp.float32),
+        weight=weight,
+        value=jnp.where(share == 0, self.value,
+                        self.value + share * (value - self.value)),
         aux=None if self.aux is None else jax.tree.map(add_aux, self.aux,
                                                        micro.aux),
         bad=None if self.bad is None else self.bad + micro.bad,
@@ -181,17 +190,21 @@ class Sums(NamedTuple):
           if _floating(a) else _reduce_leaf(a, axes), aux)
     elif aux is not None:
       aux = jax.tree.map(lambda a: _reduce_leaf(a, axes), aux)
+    weight = _psum(self.weight, axes)
+    safe = jnp.where(weight == 0, 1, weight).astype(self.value.dtype)
     return Sums(
         grads=reduce_grads(self.grads),
-        weight=_psum(self.weight, axes),
-        value=_psum(self.value, axes),
+        weight=weight,
+        value=_psum(self.weight.astype(self.value.dtype) * self.value, axes)
+        / safe,
         aux=aux,
         bad=None if self.bad is None else _psum(self.bad, axes),
         aux_weights=total,
     )
 
   def scaled(self, factor: float) -> 'Sums':
-    """Every weighted total times ``factor`` (counts and stacked aux kept)."""
+    """Every weighted total times ``factor`` (means, counts and stacked aux
+    kept)."""
 
     def scale(x):
       return x * jnp.asarray(factor, x.dtype)
@@ -200,20 +213,18 @@ class Sums(NamedTuple):
     if aux is not None and self.aux_weights is None:
       aux = jax.tree.map(lambda a: scale(a) if _floating(a) else a, aux)
     return self._replace(grads=jax.tree.map(scale, self.grads),
-                         weight=scale(self.weight), value=scale(self.value),
-                         aux=aux)
+                         weight=scale(self.weight), aux=aux)
 
-  def joined(self, grads: Any, weight: jax.Array) -> 'Sums':
-    """The sums with a part-full window's ``grads`` and ``weight`` added."""
+  def joined(self, grads: Any) -> 'Sums':
+    """The sums with a part-full window's gradient sum added."""
     return self._replace(
         grads=jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads,
-                           self.grads),
-        weight=weight + self.weight)
+                           self.grads))
 
   def finish(self, shapes: Shapes, has_aux: bool) -> Any:
     """The whole batch's value, or ``(value, aux)``: weighted means."""
     safe = jnp.where(self.weight > 0, self.weight, 1.0)
-    value = (self.value / safe).astype(shapes.value.dtype)
+    value = self.value.astype(shapes.value.dtype)
     if not has_aux:
       return value
     if self.aux_weights is not None or self.aux is None:

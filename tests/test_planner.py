@@ -40,7 +40,7 @@ def example():
   # drops the k recorded in an AccumulateState for the same reason).
   opt_state = accum_jax.accumulate(optax.adam(1e-3), 1).init(params)
   batch = jax.ShapeDtypeStruct((B, WIDTH), jnp.float32)
-  return params, opt_state._replace(config=None), batch
+  return params, opt_state, batch
 
 
 def xla_peak(fn, *args):
@@ -169,8 +169,7 @@ def test_estimate_matches_the_benchmark_figure():
   model = models.make('mlp', 'tiny', jnp.float32)
   inner = optax.adam(1e-3)
   make = contenders.make_accum_step(model, inner)
-  opt_state = accum_jax.accumulate(inner, 1).init(model.params)._replace(
-      config=None)
+  opt_state = accum_jax.accumulate(inner, 1).init(model.params)
   args = (model.params, opt_state, model.state, model.batch,
           jax.random.key(1))
   peaks = {k: accum_jax.compiled_memory(make(k, None), *args,
