@@ -188,14 +188,6 @@ class AccumulateConfig:
   def init(self, params: optax.Params) -> 'AccumulateState':
     _checks.check_floating(params, 'Params')
     inner_state = self.inner.init(params)
-    if any(isinstance(x, AccumulateState) for x in jax.tree.leaves(
-        inner_state, is_leaf=lambda x: isinstance(x, AccumulateState))):
-      raise TypeError(
-          'accumulate(inner, k) got an inner optimizer that contains an '
-          'accum_jax.accumulate: the two windows would stack (k * k '
-          'micro-steps per update). Accumulate once, around the whole '
-          'optimizer.'
-      )
     return AccumulateState(
         count=jnp.zeros([], jnp.int32),
         # zeros_like keeps a sharded parameter's sharding (explicit axes).
@@ -367,8 +359,9 @@ def nested_error(opt_state: Any, who: str) -> TypeError | None:
   Inside ``optax.chain`` (or ``inject_hyperparams``, ``multi_transform``) an
   ``accumulate`` only holds back the updates; what runs before it runs on
   every micro-batch (per-micro-step clipping), and a driver that accumulated
-  again would stack two windows. The fix is always to accumulate the whole
-  optimizer. Returns None when ``opt_state`` holds no ``AccumulateState``.
+  again would stack two windows. The fix is to accumulate the whole
+  optimizer. (An accumulate inside the inner optimizer of another, for a
+  longer window on some parameters, is found by neither: it is deliberate.) Returns None when ``opt_state`` holds no ``AccumulateState``.
   """
   if isinstance(opt_state, AccumulateState):
     return None

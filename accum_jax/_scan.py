@@ -206,17 +206,17 @@ def value_and_update(
     True
   """
   if not isinstance(tx, _accumulate.AccumulateTransformation):
-
-    def refuse(params, opt_state, *args, **kwargs):
-      # An accumulate nested in a chain is only visible in its state.
-      raise _accumulate.nested_error(opt_state, 'value_and_update') or TypeError(
-          'value_and_update needs a transform made by accum_jax.accumulate('
-          f'inner, num_microbatches), got {type(tx).__name__}. Wrap your '
-          'optimizer: accum_jax.accumulate(optax.adam(1e-3), '
-          'num_microbatches=8).'
-      )
-
-    return refuse
+    raise TypeError(
+        'value_and_update needs a transform made by accum_jax.accumulate(inner,'
+        f' num_microbatches), got {type(tx).__name__}. Wrap your optimizer: '
+        'accum_jax.accumulate(optax.adam(1e-3), num_microbatches=8). If tx '
+        'already contains an accumulate (nested in optax.chain, '
+        'inject_hyperparams or multi_transform), the transforms around it would'
+        ' run on every micro-batch: accumulate the whole optimizer instead, '
+        'accum_jax.accumulate(optax.chain(...), k), '
+        'accum_jax.accumulate(optax.inject_hyperparams(...)(...), k) or '
+        'accum_jax.accumulate(optax.multi_transform(...), k).'
+    )
   loop = for_transform(tx, loss_fn, 'value_and_update', has_aux=has_aux,
                        weight_fn=weight_fn, stack_aux=stack_aux, remat=remat,
                        mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
