@@ -226,3 +226,19 @@ def test_in_step_counts_accumulate_over_steps():
   assert int(state.step) == 3
   assert int(state.skipped_steps) == 2
   assert int(state.skipped_microbatches) == 2
+
+
+@pytest.mark.parametrize('policy', ['skip_microbatch', 'skip_step'])
+def test_compiled_size_is_linear_in_leaves(policy):
+  # The finiteness flag used to be copied into the select of every leaf by
+  # XLA's fusion: a program quadratic in the leaves (4.4x propagate's at 64
+  # leaves; 1.6x now, the selects themselves).
+  params = [jnp.ones(2) for _ in range(64)]
+
+  def hlo_lines(nonfinite):
+    tx = accum_jax.accumulate(optax.sgd(LR), 2, nonfinite=nonfinite)
+    compiled = jax.jit(tx.update).lower(params, tx.init(params),
+                                        params).compile()
+    return len(compiled.as_text().splitlines())
+
+  assert hlo_lines(policy) < 2 * hlo_lines('propagate')
