@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from accum_jax import _checks, _nonfinite
-from accum_jax._sums import acc_dtype, add_weighted, mean_of
+from accum_jax._sums import Micro, acc_dtype, add_weighted, mean_of
 
 
 class AccumulateState(NamedTuple):
@@ -215,8 +215,10 @@ class AccumulateConfig:
     bad = None
     if weight is not None or self.nonfinite != 'propagate':
       # Selects, not multiplies: a dropped micro-batch adds exact zeros.
-      _, _, grads_in, w, bad = _nonfinite.screen(
-          self.nonfinite, grads, w, weighted=weight is not None)
+      micro = _nonfinite.screen(
+          self.nonfinite, Micro(None, None, grads, w, None, None),
+          weighted=weight is not None)
+      grads_in, w, bad = micro.grads, micro.weight, micro.bad
     else:
       grads_in = grads
     acc = add_weighted(state.acc, grads_in, w)
@@ -266,38 +268,56 @@ class AccumulateConfig:
     """Applies the inner optimizer once to the window's mean and resets.
 
     ``state.acc`` and ``state.weight`` hold the window's sums. An empty window
-    (total weight 0) gives zero updates and leaves the inner state untouched.
-    ``guard=False`` is for callers that know the weight is positive (every
-    weight was 1): the ``lax.cond`` that handles an empty window costs a
-    parameter-sized buffer on XLA, so it is left out when it cannot be taken.
+    (total weight 0), or one the policy skips, gives zero updates and leaves
+    the inner state bit-identical: the inner update sits in a ``lax.cond``
+    branch and is not computed. ``guard=False`` is for callers that know the
+    window is applied (every weight was 1): no cond at all.
     """
+    mean = mean_of(state.acc, state.weight, state.acc)
+    if not guard:
+      updates, inner_state = self.inner.update(
+          cast_like(mean, grads_like), state.inner_state, params, **extra_args)
+      return updates, reset(state, cast_like(inner_state, state.inner_state),
+                            updates)
+    # Memory: XLA gives a cond's output a buffer of its own unless a branch
+    # passes an operand through, and never writes a branch's operand in
+    # place. So the mean is taken before the cond (in the donated
+    # accumulator's buffer), the skip branch passes it through, and the
+    # updates are selected after the cond: the apply branch then writes them
+    # over the mean. Fresh zeros in the skip branch, or a mean taken inside
+    # the apply branch, cost one parameter-sized buffer once the step applies
+    # the updates. A leaf whose update is wider than the accumulator (it
+    # would round through it) gets fresh zeros instead.
+    like = jax.eval_shape(
+        lambda m, s: self.inner.update(cast_like(m, grads_like), s, params,
+                                       **extra_args)[0], mean,
+        state.inner_state)
+    through = jax.tree.map(
+        lambda m, u: jnp.promote_types(m.dtype, u.dtype) == m.dtype, mean,
+        like)
 
     def apply(operand):
-      acc, weight, inner_state = operand
-      mean = mean_of(acc, weight, grads_like)
-      updates, new_inner = self.inner.update(mean, inner_state, params,
-                                             **extra_args)
-      # Updates come back as the inner optimizer makes them; the inner state
-      # keeps its dtypes (a scan carry around it stays stable).
+      mean, inner_state = operand
+      updates, new_inner = self.inner.update(
+          cast_like(mean, grads_like), inner_state, params, **extra_args)
+      updates = jax.tree.map(lambda u, m, t: u.astype(m.dtype) if t else u,
+                             updates, mean, through)
       return updates, cast_like(new_inner, inner_state)
 
     def skip(operand):
-      _, _, inner_state = operand
-      return self.zero_updates(grads_like, inner_state, params,
-                               extra_args), inner_state
+      mean, inner_state = operand
+      return jax.tree.map(
+          lambda m, u, t: m if t else jnp.zeros_like(u), mean, like,
+          through), inner_state
 
-    operand = (state.acc, state.weight, state.inner_state)
-    skipped_step = None
-    if guard:
-      # An empty window, or (skip policies) one with non-finite values, is
-      # not applied and the inner state comes back bit-identical.
-      ok = _nonfinite.window_ok(self.nonfinite, state)
-      updates, inner_state = jax.lax.cond(ok, apply, skip, operand)
-      skipped_step = state.window_nonfinite & ~ok
-    else:
-      updates, inner_state = apply(operand)
+    ok = _nonfinite.window_ok(self.nonfinite, state)
+    out, inner_state = jax.lax.cond(ok, apply, skip,
+                                    (mean, state.inner_state))
+    updates = jax.tree.map(
+        lambda o, u: jnp.where(ok, o, jnp.zeros_like(o)).astype(u.dtype), out,
+        like)
     return updates, reset(state, inner_state, updates,
-                          skipped_step=skipped_step)
+                          skipped_step=state.window_nonfinite & ~ok)
 
 
 def cast_like(tree: Any, like: Any) -> Any:

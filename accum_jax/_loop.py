@@ -320,34 +320,42 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
       count_bad=loop.nonfinite != 'propagate',
       grads=start)
   num_real = inp.num_real
-  screened = loop.screened or num_real is not None
+
+  def step(carry, index):
+    """Adds micro-batch ``index`` (a real one) to the sums."""
+    sums, state = carry
+    (value, aux, grads, weight), new_state = one(index, state, prescale)
+    micro = _sums.Micro(value, aux, grads, weight, None,
+                        jnp.ones_like(weight) if prescale else None)
+    if loop.screened:
+      micro = _nonfinite.screen(loop.nonfinite, micro,
+                                weighted=loop.weight_fn is not None,
+                                lazy_skip_step=True)
+      if loop.has_state and micro.bad is not None:  # a dropped micro-batch
+        new_state = jax.tree.map(
+            lambda old, new: jnp.where(micro.bad > 0, old, new), state,
+            new_state)
+    stacked = (micro.aux, micro.weight) if loop.stack_aux else None
+    return (sums.add(micro), new_state), stacked
+
+  def padding(carry, index):
+    """A padding micro-batch: not computed; the carry passes through."""
+    stacked_like = jax.eval_shape(step, carry, index)[1]
+    return carry, jax.tree.map(_varying.zeros_like_struct, stacked_like)
 
   @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(carry, index):
-    sums, state = carry
     if num_real is None:
-      (value, aux, grads, weight), new_state = one(index, state, prescale)
-    else:
-      # Padding micro-batches are not computed at all.
-      (value, aux, grads, weight), new_state = jax.lax.cond(
-          index < num_real, functools.partial(one, prescale=prescale),
-          lambda _, state: (jax.tree.map(_varying.zeros_like_struct,
-                                         outs_like), state),
-          index, state)
-    bad = None
-    if screened:
-      value, aux, grads, weight, bad = _nonfinite.screen(
-          loop.nonfinite, grads, weight, weighted=loop.weight_fn is not None,
-          real=None if num_real is None else index < num_real, value=value,
-          aux=aux)
-      if loop.has_state and bad is not None:  # a dropped micro-batch
-        new_state = jax.tree.map(lambda old, new: jnp.where(bad > 0, old, new),
-                                 state, new_state)
-    sums = sums.add(_sums.Micro(value, aux, grads, weight, bad, prescale))
-    stacked = (aux, weight) if loop.stack_aux else None
-    return (sums, new_state), stacked
+      return step(carry, index)
+    # The cond covers the whole carry update and its padding branch passes
+    # the carry through, so XLA adds the gradient into the carry in place. A
+    # cond returning the micro-batch's gradient (zeros for padding) gave that
+    # gradient a buffer of its own: a parameter-sized temporary in the loop.
+    return jax.lax.cond(index < num_real, step, padding, carry, index)
 
-  init = _varying.match_carry(body, (sums0, inp.state))
+  # A no-op outside shard_map. On `step`: the cond in `body` needs a carry
+  # that is already as device-varying as a real micro-batch makes it.
+  init = _varying.match_carry(step, (sums0, inp.state))
   (sums, state), stacked = jax.lax.scan(body, init,
                                         jnp.arange(k, dtype=jnp.int32))
   if loop.stack_aux:

@@ -29,21 +29,22 @@ class Micro(NamedTuple):
   """What one micro-batch adds: its loss, aux, gradient and weight.
 
   Attributes:
-    value: the micro-batch's loss.
+    value: the micro-batch's loss (None cross-step).
     aux: its aux (a pytree, or None).
-    grads: its gradient; already multiplied by ``weight`` when ``prescaled``.
-    weight: float32 scalar.
+    grads: its gradient.
+    weight: float32 scalar, what it adds to the weight sum.
     bad: int32 0/1, whether it was dropped as non-finite (None under
       ``'propagate'``).
-    prescaled: whether ``grads`` already carries the weight.
+    grad_scale: what the gradient is added with: None for its weight, else a
+      float32 scalar (1 for a gradient that already carries its weight).
   """
 
-  value: jax.Array
+  value: Any
   aux: Any
   grads: Any
   weight: jax.Array
   bad: Any
-  prescaled: bool
+  grad_scale: jax.Array
 
 
 def sum_dtype(dtype) -> jnp.dtype:
@@ -163,7 +164,7 @@ class Sums(NamedTuple):
                       / weight.astype(value.dtype))  # NaN for a NaN weight
     return Sums(
         grads=add_weighted(self.grads, micro.grads,
-                           jnp.ones_like(w) if micro.prescaled else w),
+                           w if micro.grad_scale is None else micro.grad_scale),
         weight=weight,
         value=jnp.where(share == 0, self.value,
                         self.value + share * (value - self.value)),
