@@ -151,7 +151,7 @@ def main():
   print(f'{jax.default_backend()}, 6 x 1024 x 1024 tanh MLP, adam, batch 64, '
         f'k={args.k}, {"with" if apply else "without"} apply_updates, params '
         'and opt_state donated')
-  print(f'| path | accum_jax MiB | twin MiB | ratio |\n|---|---:|---:|---:|')
+  print('| path | accum_jax MiB | twin MiB | ratio |\n|---|---:|---:|---:|')
   for name, ours, twin, extra in rows(args.k, apply):
     a = peak_mib(ours, params, batch, *extra)
     b = peak_mib(twin, params, batch, *extra)
