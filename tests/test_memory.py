@@ -167,3 +167,22 @@ def test_memory_falls_with_k_on_activations(k):
   activations = 4096 * 32 * 4 * 6  # one (B, 32) float32 per layer
   assert temp(1) > 0.9 * activations
   assert temp(k) < 1.6 * temp(1) / k + 64 * KIB, (temp(k), temp(1))
+
+
+# The README's train step on a parameter-heavy model (6 x 1024 x 1024 MLP,
+# adam, batch 64, k=8, apply_updates in the step): every in-step path at most
+# 1.01x its hand-written twin, skip_step at most 1.05x the plain twin. Nothing
+# is allocated: the steps are compiled on ShapeDtypeStructs.
+@pytest.mark.parametrize('path', [
+    'plain value_and_update', 'weight_fn=', 'num_real_microbatches= (traced)',
+    "nonfinite='skip_step' (vs plain twin)"])
+def test_in_step_paths_match_hand_written_twin(path):
+  from benchmarks import memory_paths
+
+  params, batch = memory_paths.setup()
+  rows = {name: row for name, *row in memory_paths.rows(k=8)}
+  ours, twin, extra = rows[path]
+  limit = 1.05 if 'skip_step' in path else 1.01
+  a = memory_paths.peak_mib(ours, params, batch, *extra)
+  b = memory_paths.peak_mib(twin, params, batch, *extra)
+  assert a <= limit * b, (path, a, b)
