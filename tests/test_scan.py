@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import accum_jax
+from tests._helpers import assert_trees_close, optimizer_table
 
 B = 16
 
@@ -29,10 +30,7 @@ def loss_fn(params, batch):
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
+  assert_trees_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize('k', [1, 2, 4, 8, 16])
@@ -155,16 +153,8 @@ def test_microbatches_run_inside_the_loop_only():
   assert len(runs) == 4
 
 
-OPTIMIZERS = {
-    'sgd': lambda: optax.sgd(0.1),
-    'momentum': lambda: optax.sgd(0.1, momentum=0.9),
-    'adam': lambda: optax.adam(0.01),
-    'adamw': lambda: optax.adamw(0.01, weight_decay=0.1),
-    'clip_adam': lambda: optax.chain(optax.clip_by_global_norm(0.05),
-                                     optax.adam(0.01)),
-    'schedule': lambda: optax.inject_hyperparams(optax.adam)(
-        learning_rate=optax.linear_schedule(0.05, 0.001, 3)),
-}
+OPTIMIZERS = optimizer_table(
+    clip_norm=0.05, lr_schedule=optax.linear_schedule(0.05, 0.001, 3))
 
 
 @pytest.mark.parametrize('name', sorted(OPTIMIZERS))
