@@ -73,7 +73,7 @@ def linear_batch(n=16, seed=0):
 # A 3-class classification batch for the Flax models.
 
 
-def class_batch(seed, rows, features):
+def class_batch(seed=0, rows=16, *, features):
   kx, ky = jax.random.split(jax.random.key(seed))
   return {'x': jax.random.normal(kx, (rows, features)),
           'y': jax.random.randint(ky, (rows,), 0, 3)}
