@@ -1,5 +1,7 @@
 """Tests of the in-step drivers against full-batch computations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,20 +159,13 @@ OPTIMIZERS = optimizer_table(
     clip_norm=0.05, lr_schedule=optax.linear_schedule(0.05, 0.001, 3))
 
 
-@pytest.mark.parametrize('name', sorted(OPTIMIZERS))
-@pytest.mark.parametrize('k', [2, 8])
-def test_value_and_update_equals_full_batch_steps(name, k):
+@functools.lru_cache
+def full_batch_steps(name):
+  """Four full-batch steps of one inner optimizer (the reference of every k):
+  the loss and params of each step, and the final state."""
   inner = OPTIMIZERS[name]()
-  tx = accum_jax.accumulate(inner, k)
   params, key = _init()
-  ref_params = params
-  state, ref_state = tx.init(params), inner.init(params)
-
-  @jax.jit
-  def step(params, state, batch):
-    loss, updates, state = accum_jax.value_and_update(loss_fn, tx)(
-        params, state, batch)
-    return loss, optax.apply_updates(params, updates), state
+  state = inner.init(params)
 
   @jax.jit
   def ref_step(params, state, batch):
@@ -178,10 +173,32 @@ def test_value_and_update_equals_full_batch_steps(name, k):
     updates, state = inner.update(grads, state, params)
     return loss, optax.apply_updates(params, updates), state
 
+  steps = []
   for t in range(4):
+    loss, params, state = ref_step(params, state,
+                                   _batch(jax.random.fold_in(key, t)))
+    steps.append((loss, params))
+  return steps, state
+
+
+@pytest.mark.parametrize('name', sorted(OPTIMIZERS))
+@pytest.mark.parametrize('k', [2, 8])
+def test_value_and_update_equals_full_batch_steps(name, k):
+  inner = OPTIMIZERS[name]()
+  tx = accum_jax.accumulate(inner, k)
+  params, key = _init()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    loss, updates, state = accum_jax.value_and_update(loss_fn, tx)(
+        params, state, batch)
+    return loss, optax.apply_updates(params, updates), state
+
+  ref_steps, ref_state = full_batch_steps(name)
+  for t, (ref_loss, ref_params) in enumerate(ref_steps):
     batch = _batch(jax.random.fold_in(key, t))
     loss, params, state = step(params, state, batch)
-    ref_loss, ref_params, ref_state = ref_step(ref_params, ref_state, batch)
     _close(loss, ref_loss)
     _close(params, ref_params)
   _close(state.inner_state, ref_state)
