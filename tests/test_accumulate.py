@@ -7,6 +7,11 @@ import optax
 import pytest
 
 import accum_jax
+from tests._helpers import (
+    assert_trees_close,
+    assert_trees_equal,
+    optimizer_table,
+)
 
 
 def _params():
@@ -20,30 +25,8 @@ def _grads(seed, like):
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
-
-
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert jnp.result_type(x) == jnp.result_type(y)
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-OPTIMIZERS = {
-    'sgd': lambda: optax.sgd(0.1),
-    'momentum': lambda: optax.sgd(0.1, momentum=0.9),
-    'adam': lambda: optax.adam(0.01),
-    'adamw': lambda: optax.adamw(0.01, weight_decay=0.1),
-    'clip_adam': lambda: optax.chain(optax.clip_by_global_norm(0.5),
-                                     optax.adam(0.01)),
-    'schedule': lambda: optax.inject_hyperparams(optax.adam)(
-        learning_rate=optax.linear_schedule(0.01, 0.001, 4)),
-}
+OPTIMIZERS = optimizer_table(
+    clip_norm=0.5, lr_schedule=optax.linear_schedule(0.01, 0.001, 4))
 
 
 @pytest.mark.parametrize('name', sorted(OPTIMIZERS))
@@ -59,15 +42,15 @@ def test_windows_apply_inner_once_to_the_mean(name, k):
     for j, g in enumerate(grads):
       updates, state = update(g, state, params)
       if j < k - 1:
-        _assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, g))
+        assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, g))
     mean = jax.tree.map(lambda *g: sum(g) / k, *grads)
     ref_updates, ref_state = inner.update(mean, ref_state, params)
-    _assert_trees_close(updates, ref_updates, rtol=1e-5)
+    assert_trees_close(updates, ref_updates, rtol=1e-5, atol=1e-7)
     params = optax.apply_updates(params, updates)
-  _assert_trees_close(state.inner_state, ref_state, rtol=1e-5)
+  assert_trees_close(state.inner_state, ref_state, rtol=1e-5, atol=1e-7)
   assert int(state.count) == 0
   assert float(state.weight) == 0.0
-  _assert_trees_equal(state.acc, jax.tree.map(jnp.zeros_like, params))
+  assert_trees_equal(state.acc, jax.tree.map(jnp.zeros_like, params))
 
 
 def test_mid_window_state_and_zero_updates():
@@ -79,11 +62,12 @@ def test_mid_window_state_and_zero_updates():
   g0, g1 = _grads(0, params), _grads(1, params)
   updates, state = tx.update(g0, state, params)
   updates, state = tx.update(g1, state, params, weight=2.0)
-  _assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, g0))
-  _assert_trees_equal(state.inner_state, inner_before)
+  assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, g0))
+  assert_trees_equal(state.inner_state, inner_before)
   assert state.count.dtype == jnp.int32 and int(state.count) == 2
   assert state.weight.dtype == jnp.float32 and float(state.weight) == 3.0
-  _assert_trees_close(state.acc, jax.tree.map(lambda a, b: a + 2 * b, g0, g1))
+  assert_trees_close(state.acc, jax.tree.map(lambda a, b: a + 2 * b, g0, g1),
+                     rtol=1e-6, atol=1e-7)
 
 
 def test_inner_update_runs_once_per_window():
@@ -114,7 +98,7 @@ def test_weighted_mean():
   for g, w in zip(grads, weights):
     updates, state = tx.update(g, state, params, weight=w)
   expected = jax.tree.map(lambda a, b, c: -(3 * a + 5 * c) / 8, *grads)
-  _assert_trees_close(updates, expected)
+  assert_trees_close(updates, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_zero_weight_window_gives_zero_updates_and_keeps_inner_state():
@@ -125,8 +109,8 @@ def test_zero_weight_window_gives_zero_updates_and_keeps_inner_state():
   inner_before = state.inner_state
   for j in range(2):
     updates, state = tx.update(_grads(j, params), state, params, weight=0.0)
-  _assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, params))
-  _assert_trees_equal(state.inner_state, inner_before)
+  assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  assert_trees_equal(state.inner_state, inner_before)
   assert int(state.count) == 0
 
 
@@ -145,7 +129,7 @@ def test_extra_args_reach_the_inner_optimizer():
       updates, state = tx.update(grads, state, params, value=jnp.asarray(value))
     ref_updates, ref_state = ref.update(grads, ref_state, params,
                                         value=jnp.asarray(value))
-    _assert_trees_close(updates, ref_updates)
+    assert_trees_close(updates, ref_updates, rtol=1e-6, atol=1e-7)
   # The plateau was hit: the scale dropped, so the value really arrived.
   assert float(state.inner_state[1].scale) < 1.0
 

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 import accum_jax
+from tests._helpers import assert_trees_close
 
 K = 2
 B = 8
@@ -31,11 +32,6 @@ def make_batch(seed):
   k1, k2 = jax.random.split(jax.random.key(seed))
   return {'tok': jax.random.randint(k1, (B,), 0, 5),
           'y': jax.random.normal(k2, (B,))}
-
-
-def assert_tree_close(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x), np.asarray(y), rtol=2e-6, atol=2e-6), a, b)
 
 
 def group_reference(grads, opts, states, params):
@@ -66,7 +62,7 @@ def test_outside_multi_transform_in_step():
     ref_updates, ref_states = group_reference(grads, opts, ref_states,
                                               ref_params)
     ref_params = optax.apply_updates(ref_params, ref_updates)
-    assert_tree_close(params, ref_params)
+    assert_trees_close(params, ref_params, rtol=2e-6, atol=2e-6)
 
 
 def test_outside_frozen_group_cross_step():
@@ -85,7 +81,7 @@ def test_outside_frozen_group_cross_step():
   mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
   ref_head, _ = optax.adam(0.1).update(
       mean['head'], optax.adam(0.1).init(params['head']), params['head'])
-  assert_tree_close(updates['head'], ref_head)
+  assert_trees_close(updates['head'], ref_head, rtol=2e-6, atol=2e-6)
   np.testing.assert_array_equal(updates['emb']['table'], 0.0)
 
 
@@ -98,9 +94,10 @@ def test_outside_masked_passes_unmasked_gradients_through():
   _, updates, _ = accum_jax.value_and_update(loss_fn, tx)(
       params, tx.init(params), batch)
   grads = jax.grad(loss_fn)(params, batch)
-  assert_tree_close(updates['head'],
-                    jax.tree.map(lambda g: -0.1 * g, grads['head']))
-  assert_tree_close(updates['emb'], grads['emb'])
+  assert_trees_close(updates['head'],
+                     jax.tree.map(lambda g: -0.1 * g, grads['head']),
+                     rtol=2e-6, atol=2e-6)
+  assert_trees_close(updates['emb'], grads['emb'], rtol=2e-6, atol=2e-6)
 
 
 def test_inside_multi_transform_not_accumulated_cross_step():
@@ -123,7 +120,7 @@ def test_inside_multi_transform_not_accumulated_cross_step():
   mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
   ref_head, _ = optax.adam(0.1).update(
       mean['head'], optax.adam(0.1).init(params['head']), params['head'])
-  assert_tree_close(updates['head'], ref_head)
+  assert_trees_close(updates['head'], ref_head, rtol=2e-6, atol=2e-6)
   np.testing.assert_array_equal(updates['emb']['table'], 0.0)
 
 
@@ -146,12 +143,13 @@ def test_inside_longer_window_for_embeddings_cross_step():
     mean = jax.tree.map(lambda a, b: (a + b) / 2, grads[i - 1]['head'],
                         grads[i]['head'])
     ref, head_state = adam.update(mean, head_state, params['head'])
-    assert_tree_close(out[i]['head'], ref)
+    assert_trees_close(out[i]['head'], ref, rtol=2e-6, atol=2e-6)
     np.testing.assert_array_equal(out[i - 1]['head']['w'], 0.0)
   for i in range(3):
     np.testing.assert_array_equal(out[i]['emb']['table'], 0.0)
   emb_mean = sum(g['emb']['table'] for g in grads) / 4
-  assert_tree_close(out[3]['emb']['table'], -0.1 * emb_mean)
+  assert_trees_close(out[3]['emb']['table'], -0.1 * emb_mean,
+                     rtol=2e-6, atol=2e-6)
 
 
 def test_inside_longer_window_for_embeddings_in_step():
@@ -174,11 +172,12 @@ def test_inside_longer_window_for_embeddings_in_step():
   head_state = adam.init(params['head'])
   for g, out in zip(grads, outs, strict=False):
     ref, head_state = adam.update(g['head'], head_state, params['head'])
-    assert_tree_close(out['head'], ref)
+    assert_trees_close(out['head'], ref, rtol=2e-6, atol=2e-6)
   np.testing.assert_array_equal(outs[0]['emb']['table'], 0.0)
-  assert_tree_close(outs[1]['emb']['table'],
-                    -0.1 * (grads[0]['emb']['table']
-                            + grads[1]['emb']['table']) / 2)
+  assert_trees_close(outs[1]['emb']['table'],
+                     -0.1 * (grads[0]['emb']['table']
+                             + grads[1]['emb']['table']) / 2,
+                     rtol=2e-6, atol=2e-6)
 
 
 def test_frozen_params_as_argument_in_step():
@@ -199,4 +198,4 @@ def test_frozen_params_as_argument_in_step():
   ref, _ = optax.adam(0.1).update(grads['head'],
                                   optax.adam(0.1).init(params['head']),
                                   params['head'])
-  assert_tree_close(updates, ref)
+  assert_trees_close(updates, ref, rtol=2e-6, atol=2e-6)

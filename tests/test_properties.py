@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import accum_jax
+from tests._helpers import assert_trees_close
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -91,14 +92,6 @@ def tol(params):
   return dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=2e-5, atol=2e-5)
 
 
-def assert_close(a, b, **kw):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False):
-    assert x.dtype == y.dtype, (x.dtype, y.dtype)
-    np.testing.assert_allclose(np.asarray(x, np.float32),
-                               np.asarray(y, np.float32), **kw)
-
-
 def weight_fn(mb):
   return jnp.sum(mb['w'])
 
@@ -129,7 +122,7 @@ def test_value_and_grad_matches_full_batch(problem):
   (loss, grads), (ref_loss, ref_grads) = accumulated_and_reference_grads(
       params, batch, k, weighted)
   np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=2e-5)
-  assert_close(grads, ref_grads, **tol(params))
+  assert_trees_close(grads, ref_grads, **tol(params), check_dtype=True)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -155,7 +148,8 @@ def test_value_and_update_matches_full_batch_and_keeps_state_stable(problem):
     assert structure_and_dtypes(state) == before
     assert int(state.count) == 0
   assert int(states[-1].step) == 2
-  assert_close(updates, jax.tree.map(lambda g: -g, ref_grads), **tol(params))
+  assert_trees_close(updates, jax.tree.map(lambda g: -g, ref_grads),
+                     **tol(params), check_dtype=True)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -190,5 +184,5 @@ def test_cross_step_windows(problem):
     if j < k - 1:
       assert int(state.count) == j + 1
   assert int(states[-1].count) == 0 and int(states[-1].step) == 1
-  assert_close(all_updates[-1], jax.tree.map(lambda g: -g, ref_grads),
-               **tol(params))
+  assert_trees_close(all_updates[-1], jax.tree.map(lambda g: -g, ref_grads),
+                     **tol(params), check_dtype=True)

@@ -1,5 +1,7 @@
 """Tests of the in-step drivers against full-batch computations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 import accum_jax
+from tests._helpers import assert_trees_close, optimizer_table
 
 B = 16
 
@@ -29,10 +32,7 @@ def loss_fn(params, batch):
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
+  assert_trees_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize('k', [1, 2, 4, 8, 16])
@@ -155,16 +155,30 @@ def test_microbatches_run_inside_the_loop_only():
   assert len(runs) == 4
 
 
-OPTIMIZERS = {
-    'sgd': lambda: optax.sgd(0.1),
-    'momentum': lambda: optax.sgd(0.1, momentum=0.9),
-    'adam': lambda: optax.adam(0.01),
-    'adamw': lambda: optax.adamw(0.01, weight_decay=0.1),
-    'clip_adam': lambda: optax.chain(optax.clip_by_global_norm(0.05),
-                                     optax.adam(0.01)),
-    'schedule': lambda: optax.inject_hyperparams(optax.adam)(
-        learning_rate=optax.linear_schedule(0.05, 0.001, 3)),
-}
+OPTIMIZERS = optimizer_table(
+    clip_norm=0.05, lr_schedule=optax.linear_schedule(0.05, 0.001, 3))
+
+
+@functools.lru_cache
+def full_batch_steps(name):
+  """Four full-batch steps of one inner optimizer (the reference of every k):
+  the loss and params of each step, and the final state."""
+  inner = OPTIMIZERS[name]()
+  params, key = _init()
+  state = inner.init(params)
+
+  @jax.jit
+  def ref_step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = inner.update(grads, state, params)
+    return loss, optax.apply_updates(params, updates), state
+
+  steps = []
+  for t in range(4):
+    loss, params, state = ref_step(params, state,
+                                   _batch(jax.random.fold_in(key, t)))
+    steps.append((loss, params))
+  return steps, state
 
 
 @pytest.mark.parametrize('name', sorted(OPTIMIZERS))
@@ -173,8 +187,7 @@ def test_value_and_update_equals_full_batch_steps(name, k):
   inner = OPTIMIZERS[name]()
   tx = accum_jax.accumulate(inner, k)
   params, key = _init()
-  ref_params = params
-  state, ref_state = tx.init(params), inner.init(params)
+  state = tx.init(params)
 
   @jax.jit
   def step(params, state, batch):
@@ -182,16 +195,10 @@ def test_value_and_update_equals_full_batch_steps(name, k):
         params, state, batch)
     return loss, optax.apply_updates(params, updates), state
 
-  @jax.jit
-  def ref_step(params, state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = inner.update(grads, state, params)
-    return loss, optax.apply_updates(params, updates), state
-
-  for t in range(4):
+  ref_steps, ref_state = full_batch_steps(name)
+  for t, (ref_loss, ref_params) in enumerate(ref_steps):
     batch = _batch(jax.random.fold_in(key, t))
     loss, params, state = step(params, state, batch)
-    ref_loss, ref_params, ref_state = ref_step(ref_params, ref_state, batch)
     _close(loss, ref_loss)
     _close(params, ref_params)
   _close(state.inner_state, ref_state)
