@@ -25,8 +25,11 @@ from accum_jax._split import split_batch
 
 __version__ = '0.1.0'
 
-# Flax is an optional dependency: these names import it on first use.
+# Flax and Equinox are optional dependencies: these names import them on
+# first use.
 _LAZY = {
+    'filter_value_and_grad': 'accum_jax._equinox',
+    'filter_value_and_update': 'accum_jax._equinox',
     'linen_train_step': 'accum_jax._flax',
     'nnx_train_step': 'accum_jax._flax',
 }
@@ -52,6 +55,8 @@ __all__ = (
     'PlanCandidate',
     'accumulate',
     'compiled_memory',
+    'filter_value_and_grad',
+    'filter_value_and_update',
     'flush',
     'linen_train_step',
     'nnx_train_step',

@@ -29,9 +29,12 @@ def check_floating(tree: Any, what: str) -> None:
           f'{what} leaf {path_name(path)} is a {type(leaf).__name__} '
           f'({leaf!r:.60}), not an array: accum_jax differentiates pytrees of '
           'arrays. An Equinox module holds functions and other static '
-          'leaves: pass its arrays only, eqx.filter(model, '
-          'eqx.is_inexact_array), and combine them with the rest inside your '
-          'loss (eqx.partition / eqx.combine).'
+          'leaves: use accum_jax.filter_value_and_grad(loss_fn, k) or '
+          'accum_jax.filter_value_and_update(loss_fn, tx), which '
+          'differentiate its eqx.is_inexact_array leaves as '
+          'eqx.filter_value_and_grad does (or pass eqx.filter(model, '
+          'eqx.is_inexact_array) and combine it with the rest inside your '
+          'loss).'
       )
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):

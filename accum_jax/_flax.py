@@ -106,6 +106,9 @@ def linen_train_step(
     stack_aux: bool = False,
     remat: Any = None,
     num_microbatches: int | None = None,
+    mesh: Any = None,
+    axis_name: Any = None,
+    fsdp_reduce: str = 'per_microbatch',
 ) -> tuple[Any, Any]:
   """One optimizer step of a Linen ``TrainState``, micro-batched in a scan.
 
@@ -168,6 +171,11 @@ def linen_train_step(
     remat: ``None``, ``True`` or a ``jax.checkpoint_policies`` policy for the
       per-micro-batch loss.
     num_microbatches: ``k`` for a plain (non-accumulate) ``state.tx``.
+    mesh: as in :func:`accum_jax.value_and_grad`: the mesh to split the loop
+      over.
+    axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
+      it for a mesh with ``AxisType.Auto`` axes).
+    fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
 
   Returns:
     ``(new_state, value)``: the state after one optimizer step (params,
@@ -210,7 +218,8 @@ def linen_train_step(
   loop = _loop_for(tx, state.opt_state, loss_fn, num_microbatches,
                    'state.tx',
                    'linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
-                   stack_aux=stack_aux, remat=remat, has_state=bool(names))
+                   stack_aux=stack_aux, remat=remat, has_state=bool(names),
+                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
   _check_opt_state(tx, state.opt_state, 'state')
   model_state = ({name: getattr(state, name) for name in names} if names
                  else None)
@@ -227,24 +236,66 @@ def linen_train_step(
   return new_state, value
 
 
+def _is_node(x: Any) -> bool:
+  return nnx.graph.is_graph_node(x)
+
+
+def _take_nodes(args: tuple[Any, ...], kwargs: dict[str, Any]):
+  """The NNX objects (``nnx.Rngs``, modules, variables) among ``loss_fn``'s
+  extra arguments, and the arguments with ``None`` in their place."""
+  leaves, treedef = jax.tree.flatten(
+      (args, kwargs), is_leaf=lambda x: x is None or _is_node(x))
+  at = tuple(i for i, leaf in enumerate(leaves) if _is_node(leaf))
+  nodes = tuple(leaves[i] for i in at)
+  plain = [None if i in at else leaf for i, leaf in enumerate(leaves)]
+  args, kwargs = jax.tree.unflatten(treedef, plain)
+  return nodes, at, args, kwargs
+
+
+def _put_nodes(args, kwargs, nodes, at):
+  """The inverse of :func:`_take_nodes`: the nodes back in their places."""
+  leaves, treedef = jax.tree.flatten((args, kwargs),
+                                     is_leaf=lambda x: x is None)
+  for i, node in zip(at, nodes, strict=True):
+    leaves[i] = node
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _check_batch_argnum(batch_argnum: Any, num_args: int) -> int:
+  if (isinstance(batch_argnum, bool) or not isinstance(batch_argnum, int)
+      or not 1 <= batch_argnum <= num_args + 1):
+    raise ValueError(
+        f'batch_argnum={batch_argnum!r}: the position of the micro-batch '
+        'among loss_fn\'s positional arguments (the model is 0) must be an '
+        f'int from 1 to {num_args + 1} with {num_args} extra positional '
+        'argument(s).'
+    )
+  return batch_argnum
+
+
 def nnx_train_step(
     model: Any,
     optimizer: Any,
     batch: Any,
     loss_fn: Callable[..., Any],
-    *,
+    *args: Any,
     has_aux: bool = False,
     weight_fn: Callable[[Any], Any] | None = None,
     stack_aux: bool = False,
     remat: Any = None,
     num_microbatches: int | None = None,
+    batch_argnum: int = 1,
+    mesh: Any = None,
+    axis_name: Any = None,
+    fsdp_reduce: str = 'per_microbatch',
+    **kwargs: Any,
 ) -> Any:
   """One optimizer step of an NNX model, micro-batched in a scan.
 
   The NNX counterpart of :func:`linen_train_step`: call it inside
-  ``nnx.jit``. ``loss_fn(model, microbatch)`` returns the loss, or ``(loss,
-  aux)`` with ``has_aux=True``, like the function you would give
-  ``nnx.value_and_grad``. The model is split into the variables
+  ``nnx.jit``. ``loss_fn(model, microbatch, *args, **kwargs)`` returns the
+  loss, or ``(loss, aux)`` with ``has_aux=True``, like the function you would
+  give ``nnx.value_and_grad``. The model is split into the variables
   ``optimizer`` trains (its ``wrt`` filter, e.g. ``nnx.Param``), which are
   differentiated, and everything else (BatchNorm statistics, RNG stream
   counters, other variables), which is threaded through the micro-batches in
@@ -252,6 +303,20 @@ def nnx_train_step(
   ``nnx.Dropout`` draws a fresh mask per micro-batch from its advancing
   stream, and BatchNorm behaves as ``k`` sequential small forward passes (not
   the full-batch statistic; see :func:`linen_train_step`).
+
+  **Extra arguments.** ``*args`` and the keyword arguments that are not this
+  function's options reach every micro-batch's ``loss_fn`` unchanged, as
+  ``nnx.value_and_grad(loss_fn)(model, batch, *args, **kwargs)`` would pass
+  them. ``batch_argnum`` says where the micro-batch goes among ``loss_fn``'s
+  positional arguments (the model is 0): the NNX MNIST tutorial's
+  ``loss_fn(model, rngs, batch)`` is called with ``batch_argnum=2`` and
+  ``rngs`` in ``args``. NNX objects among the arguments (an ``nnx.Rngs``,
+  another module) are threaded like the model's own state: micro-batch ``j``
+  draws from the streams where micro-batch ``j-1`` left them (different keys
+  for every micro-batch), and the ``nnx.Rngs`` you passed comes back advanced
+  as if the ``k`` micro-batches had run one after the other. They are not
+  differentiated. A plain PRNG key passed as ``rng=`` is folded per
+  micro-batch, as in :func:`accum_jax.value_and_grad`.
 
   ``model`` and ``optimizer`` are updated in place, as
   ``optimizer.update(model, grads)`` does. One call is one optimizer step:
@@ -271,12 +336,21 @@ def nnx_train_step(
     optimizer: an ``nnx.Optimizer`` built for ``model``.
     batch: a pytree whose leaves share a leading batch axis, a multiple of
       ``k``.
-    loss_fn: ``loss_fn(model, microbatch)``, see above.
+    loss_fn: ``loss_fn(model, microbatch, *args, **kwargs)``, see above.
+    *args: extra positional arguments of ``loss_fn``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch.
     stack_aux: return the aux of each micro-batch stacked, not reduced.
     remat: ``None``, ``True`` or a ``jax.checkpoint_policies`` policy.
     num_microbatches: ``k`` for a plain (non-accumulate) ``optimizer.tx``.
+    batch_argnum: the position of the micro-batch among ``loss_fn``'s
+      positional arguments, counting the model as 0 (default 1).
+    mesh: as in :func:`accum_jax.value_and_grad`: the mesh to split the loop
+      over.
+    axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
+      it for a mesh with ``AxisType.Auto`` axes).
+    fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
+    **kwargs: extra keyword arguments of ``loss_fn``.
 
   Returns:
     The loss, or ``(loss, aux)``, of the whole batch.
@@ -285,7 +359,8 @@ def nnx_train_step(
     TypeError: ``optimizer`` is not an ``nnx.Optimizer``, its ``tx`` is not
       an accumulate transform and no ``num_microbatches`` is given, or
       ``loss_fn`` returns the wrong structure.
-    ValueError: the batch size is not a multiple of ``k``.
+    ValueError: the batch size is not a multiple of ``k``, or
+      ``batch_argnum`` is out of range.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -308,6 +383,19 @@ def nnx_train_step(
     1
     >>> bool(jnp.allclose(model.kernel[...], expected))
     True
+
+    With an ``nnx.Rngs`` argument (here for dropout), each micro-batch draws
+    its own keys and the stream advances once per micro-batch:
+
+    >>> drop = nnx.Dropout(0.5)
+    >>> def noisy_loss(model, rngs, mb):
+    ...   return jnp.mean((drop(model(mb['x']), rngs=rngs) - mb['y']) ** 2)
+    >>> rngs = nnx.Rngs(dropout=1)
+    >>> loss = nnx.jit(lambda m, o, r, b: accum_jax.nnx_train_step(
+    ...     m, o, b, noisy_loss, r, batch_argnum=2))(model, optimizer, rngs,
+    ...                                              batch)
+    >>> int(rngs.dropout.count[...])
+    4
   """
   if not isinstance(optimizer, nnx.Optimizer):
     raise TypeError(
@@ -315,33 +403,48 @@ def nnx_train_step(
         'accum_jax.accumulate(optax.adam(1e-3), k), wrt=nnx.Param); got '
         f'{type(optimizer).__name__}.'
     )
+  batch_argnum = _check_batch_argnum(batch_argnum, len(args))
   tx = optimizer.tx
-  wrt = optimizer.wrt
   graph = getattr(optimizer, 'graph', None)
-  graphdef, params, rest = nnx.split(model, wrt, ..., graph=graph)
-  params = nnx.as_pure(params)
+  nodes, at, args, kwargs = _take_nodes(args, kwargs)
+  # The model and the NNX arguments are split together, so a variable they
+  # share (e.g. an Rngs held by the model and passed in) is threaded once;
+  # only the model's variables under optimizer.wrt are differentiated.
+  trained = nnx.filterlib.to_predicate(optimizer.wrt)
+
+  def wrt(path, value):
+    return path[:1] == (0,) and trained(path[1:], value)
+
+  graphdef, params, rest = nnx.split((model, nodes), wrt, ..., graph=graph)
+  params = nnx.as_pure(params[0] if 0 in params else nnx.State({}))
   rest = nnx.as_pure(rest)
   # A model with nothing but trained variables needs no carry (the plain,
   # cheapest loop); otherwise the rest is threaded through the micro-batches.
   stateful = bool(jax.tree.leaves(rest))
 
-  def loss(params, microbatch, *state):
-    module = nnx.merge(graphdef, params, *(state or (rest,)))
-    out = loss_fn(module, microbatch)
+  def loss(params, microbatch, *extra, **kw):
+    state, extra = (extra[0], extra[1:]) if stateful else (rest, extra)
+    module, new_nodes = nnx.merge(graphdef, nnx.State({0: params}), state)
+    extra, kw = _put_nodes(extra, kw, new_nodes, at)
+    extra = list(extra)
+    extra.insert(batch_argnum - 1, microbatch)
+    out = loss_fn(module, *extra, **kw)
     if not stateful:
       return out
-    _, _, new_rest = nnx.split(module, wrt, ..., graph=graph)
+    _, _, new_rest = nnx.split((module, new_nodes), wrt, ..., graph=graph)
     return out, nnx.as_pure(new_rest)
 
   opt_state = nnx.as_pure(optimizer.opt_state)
   loop = _loop_for(tx, opt_state, loss, num_microbatches, 'optimizer.tx',
                    'nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
-                   stack_aux=stack_aux, remat=remat, has_state=stateful)
+                   stack_aux=stack_aux, remat=remat, has_state=stateful,
+                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
   _check_opt_state(tx, opt_state, 'optimizer')
   value, updates, opt_state, new_rest = _scan.optimizer_step(
-      loop, tx, _loop.inputs(loop, params, batch, (), {},
+      loop, tx, _loop.inputs(loop, params, batch, args, kwargs,
                              rest if stateful else None), opt_state)
-  nnx.update(model, optax.apply_updates(params, updates),
+  nnx.update((model, nodes),
+             nnx.State({0: optax.apply_updates(params, updates)}),
              new_rest if stateful else rest)
   nnx.update(optimizer.opt_state, nnx.state(opt_state, graph=graph))
   optimizer.step[...] += 1
