@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from accum_jax import _nonfinite, _split
+from accum_jax import _compat, _nonfinite, _split
 
 FSDP_REDUCE = ('per_microbatch', 'per_step')
 
@@ -97,7 +97,7 @@ def varying_axes(x) -> frozenset:
 def to_varying(x, axes: tuple[str, ...]):
   """``x`` marked device-varying over ``axes`` (a no-op at run time)."""
   missing = tuple(a for a in axes if a not in varying_axes(x))
-  return jax.lax.pcast(x, missing, to='varying') if missing else x
+  return _compat.pcast(x, missing, to='varying') if missing else x
 
 
 def zeros_like_struct(like: jax.ShapeDtypeStruct) -> jax.Array:
