@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from accum_jax import _compat
+
 
 def varying_axes(x) -> frozenset:
   """The manual mesh axes over which ``x`` (array or ShapeDtypeStruct) varies."""
@@ -27,7 +29,7 @@ def varying_axes(x) -> frozenset:
 def to_varying(x, axes: tuple[str, ...]):
   """``x`` marked device-varying over ``axes`` (a no-op at run time)."""
   missing = tuple(a for a in axes if a not in varying_axes(x))
-  return jax.lax.pcast(x, missing, to='varying') if missing else x
+  return _compat.pcast(x, missing, to='varying') if missing else x
 
 
 def zeros_like_struct(like: jax.ShapeDtypeStruct) -> jax.Array:

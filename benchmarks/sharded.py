@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
+from accum_jax import _compat  # noqa: E402
 from benchmarks import hlo as _hlo  # noqa: E402
 
 OPS = ('all-reduce', 'reduce-scatter', 'all-gather', 'all-to-all',
@@ -139,7 +140,7 @@ def run_cell(mesh, layout, k, args):
   batch = {'x': rng.randn(args.batch, args.width).astype(np.float32),
            'y': rng.randn(args.batch, args.width).astype(np.float32)}
   rows = []
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     bs = jax.device_put(batch, NamedSharding(mesh, P('data')))
     live = []
     for name, tx, step in variants(layout, k):
@@ -176,7 +177,7 @@ def reference_memory(mesh, k=8):
   1024 x 1024, adam, global batch 256), compile only."""
   args = argparse.Namespace(layers=6, width=1024, batch=256)
   rows = []
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     for layout, spec in (('dp', P()), ('fsdp', P('data'))):
       sharding = NamedSharding(mesh, spec)
       params = jax.tree.map(
@@ -242,7 +243,7 @@ def main(argv=None):
   if args.quick:
     args.layers, args.width, args.reps = 2, 128, 3
   ks = [int(k) for k in args.ks.split(',')]
-  mesh = jax.make_mesh((8,), ('data',))
+  mesh = _compat.make_mesh((8,), ('data',))
   rows = []
   for layout in ('dp', 'fsdp'):
     for k in ks:

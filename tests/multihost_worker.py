@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
+from accum_jax import _compat  # noqa: E402
 
 B, K, STEPS, LR = 64, 4, 3, 1e-2
 
@@ -53,7 +54,7 @@ def main(process_id, port, out):
                              num_processes=2, process_id=process_id,
                              initialization_timeout=60)
   try:
-    mesh = jax.make_mesh((jax.device_count(),), ('data',))
+    mesh = _compat.make_mesh((jax.device_count(),), ('data',))
     tx = accum_jax.accumulate(optax.adam(LR), K)
 
     @jax.jit
@@ -67,7 +68,7 @@ def main(process_id, port, out):
     index = rows.addressable_devices_indices_map((B, 16)).values()
     start = min(i[0].start for i in index)
     stop = max(i[0].stop for i in index)
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
       params = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(
               NamedSharding(mesh, P()), x), make_params())

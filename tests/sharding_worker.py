@@ -24,7 +24,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
-from accum_jax import _loop, _scan  # noqa: E402
+from accum_jax import _compat, _loop, _scan  # noqa: E402
 from benchmarks import hlo as _hlo  # noqa: E402
 
 B = 64
@@ -143,7 +143,7 @@ def grad_checks(rec, mesh, pspecs, prefix, **options):
   params, batch = make_params(), make_batch()
   want = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
   want_tok = jax.jit(jax.value_and_grad(token_reference))(params, batch)
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     ps = put(mesh, params, pspecs)
     bs = put(mesh, batch, jax.tree.map(lambda _: P(rec.data_axes), batch))
     for k in KS:
@@ -173,7 +173,7 @@ def update_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
                                                      **options)(p, s, b)
       return optax.apply_updates(p, updates), s, value
 
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
       # Fresh copies: the step donates them.
       ps = put(mesh, make_params(), pspecs)
       bs = put(mesh, batch, jax.tree.map(lambda _: P(rec.data_axes), batch))
@@ -208,7 +208,7 @@ def weighted_aux_checks(rec, mesh, pspecs, prefix, k=4, **options):
     per_j.append(jnp.sum(b['mask'] * per_row(params, b))
                  / jnp.maximum(jnp.sum(b['mask']), 1.0))
   want_value, want_grads = jax.value_and_grad(token_reference)(params, batch)
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     ps = put(mesh, params, pspecs)
     bs = put(mesh, batch, jax.tree.map(lambda _: P(rec.data_axes), batch))
     f = accum_jax.value_and_grad(token_aux_loss, k, has_aux=True,
@@ -242,7 +242,7 @@ def dp_extra(rec, mesh):
   params, batch = make_params(), make_batch()
   k = 4
   data = P('data')
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     ps = put(mesh, params, jax.tree.map(lambda _: P(), params))
     bs = put(mesh, batch, jax.tree.map(lambda _: data, batch))
 
@@ -284,7 +284,7 @@ def dp_extra(rec, mesh):
   # batch axis is named; without it the plain scan runs (GSPMD decides).
   auto = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
   want = jax.value_and_grad(loss_fn)(params, batch)
-  with jax.set_mesh(auto):
+  with _compat.set_mesh(auto):
     ps = put(auto, params, jax.tree.map(lambda _: P(), params))
     bs = put(auto, batch, jax.tree.map(lambda _: data, batch))
     for name, opts in (('named', {'axis_name': 'data'}), ('unnamed', {})):
@@ -296,7 +296,7 @@ def dp_extra(rec, mesh):
   def inner(p, b):
     return accum_jax.value_and_grad(loss_fn, k, axis_name='data')(p, b)
 
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     ps = put(mesh, params, jax.tree.map(lambda _: P(), params))
     bs = put(mesh, batch, jax.tree.map(lambda _: data, batch))
     f = jax.shard_map(inner, in_specs=(P(), data), out_specs=P())
@@ -416,8 +416,8 @@ def dp_extra(rec, mesh):
         errors[name] = None
       except (ValueError, TypeError) as e:
         errors[name] = f'{type(e).__name__}: {e}'
-    mesh2 = jax.make_mesh((4, 2), ('a', 'b'))
-    with jax.set_mesh(mesh2):
+    mesh2 = _compat.make_mesh((4, 2), ('a', 'b'))
+    with _compat.set_mesh(mesh2):
       mixed = put(mesh2, batch, {'x': P('a'), 'y': P('b'), 'mask': P('a')})
       try:
         jax.jit(accum_jax.value_and_grad(loss_fn, 2))(params, mixed)
@@ -433,7 +433,7 @@ def main(config):
     mesh = jax.make_mesh((4, 2), ('data', 'model'),
                          axis_types=(AxisType.Explicit, AxisType.Auto))
   else:
-    mesh = jax.make_mesh((8,), ('data',))
+    mesh = _compat.make_mesh((8,), ('data',))
   rec = Recorder(mesh, 'data')
   if config == 'dp':
     replicated = {'w1': P(), 'b1': P(), 'w2': P()}

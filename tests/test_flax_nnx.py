@@ -7,10 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-import accum_jax
-from tests._helpers import (
+# nnx_train_step uses nnx.as_pure and nnx.split(..., graph=): flax >= 0.12.7.
+pytest.importorskip('flax', minversion='0.12.7')
+
+from flax import nnx  # noqa: E402
+
+import accum_jax  # noqa: E402
+from tests._helpers import (  # noqa: E402
     assert_trees_close,
     class_batch,
     inner_count,
