@@ -106,6 +106,7 @@ def linen_train_step(
     stack_aux: bool = False,
     remat: Any = None,
     num_microbatches: int | None = None,
+    unroll: int | bool = 1,
 ) -> tuple[Any, Any]:
   """One optimizer step of a Linen ``TrainState``, micro-batched in a scan.
 
@@ -168,6 +169,8 @@ def linen_train_step(
     remat: ``None``, ``True`` or a ``jax.checkpoint_policies`` policy for the
       per-micro-batch loss.
     num_microbatches: ``k`` for a plain (non-accumulate) ``state.tx``.
+    unroll: micro-batches per loop iteration, as in
+      :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
 
   Returns:
     ``(new_state, value)``: the state after one optimizer step (params,
@@ -210,7 +213,8 @@ def linen_train_step(
   loop = _loop_for(tx, state.opt_state, loss_fn, num_microbatches,
                    'state.tx',
                    'linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
-                   stack_aux=stack_aux, remat=remat, has_state=bool(names))
+                   stack_aux=stack_aux, remat=remat, has_state=bool(names),
+                   unroll=unroll)
   _check_opt_state(tx, state.opt_state, 'state')
   model_state = ({name: getattr(state, name) for name in names} if names
                  else None)
@@ -238,6 +242,7 @@ def nnx_train_step(
     stack_aux: bool = False,
     remat: Any = None,
     num_microbatches: int | None = None,
+    unroll: int | bool = 1,
 ) -> Any:
   """One optimizer step of an NNX model, micro-batched in a scan.
 
@@ -277,6 +282,8 @@ def nnx_train_step(
     stack_aux: return the aux of each micro-batch stacked, not reduced.
     remat: ``None``, ``True`` or a ``jax.checkpoint_policies`` policy.
     num_microbatches: ``k`` for a plain (non-accumulate) ``optimizer.tx``.
+    unroll: micro-batches per loop iteration, as in
+      :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
 
   Returns:
     The loss, or ``(loss, aux)``, of the whole batch.
@@ -336,7 +343,8 @@ def nnx_train_step(
   opt_state = nnx.as_pure(optimizer.opt_state)
   loop = _loop_for(tx, opt_state, loss, num_microbatches, 'optimizer.tx',
                    'nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
-                   stack_aux=stack_aux, remat=remat, has_state=stateful)
+                   stack_aux=stack_aux, remat=remat, has_state=stateful,
+                   unroll=unroll)
   _check_opt_state(tx, opt_state, 'optimizer')
   value, updates, opt_state, new_rest = _scan.optimizer_step(
       loop, tx, _loop.inputs(loop, params, batch, (), {},
