@@ -109,10 +109,13 @@ def value_and_grad(
     mesh: the mesh to split the loop over; by default the mesh set with
       ``jax.set_mesh``, or the one carried by the batch's sharding.
     axis_name: the batch axes (a mesh axis name or a tuple of them); by
-      default the axes sharding the batch's leading dimension, which is known
-      for explicit mesh axes (``jax.make_mesh``'s default). Pass it for a
-      mesh with ``AxisType.Auto`` axes, or inside a ``shard_map`` that is
-      manual over these axes, to get the one reduction after the loop.
+      default the axes sharding the batch's leading dimension where that is
+      known: for explicit mesh axes (``jax.make_mesh``'s default), or for a
+      concrete batch outside ``jit``. Pass it under ``jit`` on a mesh with
+      ``AxisType.Auto`` axes (``Mesh(devices, names)``'s default; a warning
+      at trace time names the fix), or inside a ``shard_map`` that is manual
+      over these axes, to get the one reduction after the loop. ``()``
+      runs the loop unsplit and leaves the reductions to the partitioner.
     fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``: when gradients of
       parameters sharded over a batch axis are reduce-scattered (see above).
     unroll: micro-batches per iteration of the loop, as ``lax.scan``'s
