@@ -109,6 +109,7 @@ def linen_train_step(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    unroll: int | bool = 1,
 ) -> tuple[Any, Any]:
   """One optimizer step of a Linen ``TrainState``, micro-batched in a scan.
 
@@ -176,6 +177,8 @@ def linen_train_step(
     axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
       it for a mesh with ``AxisType.Auto`` axes).
     fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
+    unroll: micro-batches per loop iteration, as in
+      :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
 
   Returns:
     ``(new_state, value)``: the state after one optimizer step (params,
@@ -219,7 +222,8 @@ def linen_train_step(
                    'state.tx',
                    'linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
                    stack_aux=stack_aux, remat=remat, has_state=bool(names),
-                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
+                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
+                   unroll=unroll)
   _check_opt_state(tx, state.opt_state, 'state')
   model_state = ({name: getattr(state, name) for name in names} if names
                  else None)
@@ -288,6 +292,7 @@ def nnx_train_step(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    unroll: int | bool = 1,
     **kwargs: Any,
 ) -> Any:
   """One optimizer step of an NNX model, micro-batched in a scan.
@@ -350,6 +355,8 @@ def nnx_train_step(
     axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
       it for a mesh with ``AxisType.Auto`` axes).
     fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
+    unroll: micro-batches per loop iteration, as in
+      :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
     **kwargs: extra keyword arguments of ``loss_fn``.
 
   Returns:
@@ -438,7 +445,8 @@ def nnx_train_step(
   loop = _loop_for(tx, opt_state, loss, num_microbatches, 'optimizer.tx',
                    'nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
                    stack_aux=stack_aux, remat=remat, has_state=stateful,
-                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
+                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
+                   unroll=unroll)
   _check_opt_state(tx, opt_state, 'optimizer')
   value, updates, opt_state, new_rest = _scan.optimizer_step(
       loop, tx, _loop.inputs(loop, params, batch, args, kwargs,

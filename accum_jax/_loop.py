@@ -2,7 +2,8 @@
 
 A :class:`Loop` is the frozen description of one loop (what to
 differentiate, ``k``, weighting, accumulator dtype, non-finite policy,
-remat, stacked aux, threaded state, and where to split it over a mesh),
+remat, unrolling, stacked aux, threaded state, and where to split it over a
+mesh),
 built once by each public driver. :func:`scan` runs it on the rows this
 device holds. The carry is built from ``jax.eval_shape``, never by running
 a micro-batch outside the loop, and each micro-batch is differentiated inside
@@ -51,6 +52,8 @@ class Loop:
     mesh: the mesh to split the loop over (None: from the context or batch).
     axis_name: the batch axes (None: read from the batch's sharding).
     fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``.
+    unroll: micro-batches per iteration of the ``lax.scan`` (its
+      ``unroll=``): an int >= 1, or a bool (True: all ``k``, False: 1).
   """
 
   loss_fn: Callable[..., Any]
@@ -66,10 +69,12 @@ class Loop:
   mesh: Any = None
   axis_name: Any = None
   fsdp_reduce: str = 'per_microbatch'
+  unroll: int | bool = 1
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
     object.__setattr__(self, 'remat', remat_policy(self.remat))
+    object.__setattr__(self, 'unroll', check_unroll(self.unroll))
 
   @property
   def screened(self) -> bool:
@@ -120,6 +125,23 @@ def remat_policy(remat: Any) -> Any:
       f"{['none', 'full', *sorted(names)]} or "
       "'save_only_these_names(name, ...)'."
   )
+
+
+def check_unroll(unroll: Any) -> int | bool:
+  """``unroll`` as ``lax.scan`` takes it: an int >= 1 or a bool."""
+  if isinstance(unroll, (bool, np.bool_)):
+    return bool(unroll)
+  if not isinstance(unroll, (int, np.integer)):
+    raise TypeError(
+        'unroll must be an int >= 1 or a bool (True: unroll all micro-batches)'
+        f', as lax.scan takes it; got {type(unroll).__name__}.'
+    )
+  if unroll < 1:
+    raise ValueError(
+        f'unroll must be >= 1 (1: a rolled loop, k or True: fully unrolled); '
+        f'got {unroll}.'
+    )
+  return int(unroll)
 
 
 class Inputs(NamedTuple):
@@ -357,7 +379,8 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   # that is already as device-varying as a real micro-batch makes it.
   init = _varying.match_carry(step, (sums0, inp.state))
   (sums, state), stacked = jax.lax.scan(body, init,
-                                        jnp.arange(k, dtype=jnp.int32))
+                                        jnp.arange(k, dtype=jnp.int32),
+                                        unroll=loop.unroll)
   if loop.stack_aux:
     aux, weights = stacked
     sums = sums._replace(aux=aux, aux_weights=weights)

@@ -1,4 +1,5 @@
-"""Ahead-of-time memory figures, and a planner that picks ``k`` and remat.
+"""Ahead-of-time memory figures, and a planner that picks ``k``, remat and
+unrolling.
 
 Everything here compiles ahead (``jax.jit(...).lower(...).compile()``) and
 reads XLA's own figures; nothing is ever run. The peak of a compiled step is
@@ -18,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from accum_jax import _checks
+from accum_jax import _checks, _loop
 
 
 class CompiledMemory(NamedTuple):
@@ -116,15 +117,19 @@ def compiled_memory(
 
 
 class PlanCandidate(NamedTuple):
-  """One ``(k, remat)`` the planner compiled.
+  """One ``(k, remat[, unroll])`` the planner compiled.
 
   Attributes:
     num_microbatches: ``k``.
     remat: the remat option passed to ``make_step``.
     peak_bytes: the compiled peak (see :func:`compiled_memory`).
-    flops: the compiled flop count (recomputation shows up here).
+    flops: the compiled flop count (recomputation shows up here). XLA counts
+      the body of a loop once, whatever its trip count, so compare it only
+      between candidates with the same ``k`` and ``unroll``.
     fits: whether ``peak_bytes <= budget_bytes``.
     memory: the full :class:`CompiledMemory`.
+    unroll: the unroll option passed to ``make_step``, or ``None`` when the
+      planner was given no ``unroll`` options.
   """
 
   num_microbatches: int
@@ -133,6 +138,7 @@ class PlanCandidate(NamedTuple):
   flops: float
   fits: bool
   memory: CompiledMemory
+  unroll: Any = None
 
 
 class MemoryPlan(NamedTuple):
@@ -146,6 +152,9 @@ class MemoryPlan(NamedTuple):
     flops: the chosen step's compiled flop count.
     budget_bytes: the budget the plan was made for.
     candidates: every :class:`PlanCandidate` compiled, in the order tried.
+    unroll: the chosen unroll option: among those that fit with the chosen
+      remat, the largest (fewest loop iterations); ``None`` when the planner
+      was given no ``unroll`` options.
   """
 
   num_microbatches: int
@@ -154,6 +163,7 @@ class MemoryPlan(NamedTuple):
   flops: float
   budget_bytes: int
   candidates: tuple[PlanCandidate, ...]
+  unroll: Any = None
 
   def table(self) -> str:
     """The candidates as a fixed-width text table."""
@@ -188,23 +198,61 @@ def remat_name(remat: Any) -> str:
   return getattr(remat, '__name__', None) or repr(remat)
 
 
+def unroll_name(unroll: Any) -> str:
+  """A short printable name for an unroll option."""
+  if unroll is True:
+    return 'full'
+  return str(int(unroll))
+
+
 def _mib(n: float) -> str:
   return f'{n / 2**20:.2f} MiB'
 
 
 def _table(candidates, budget, chosen=None) -> str:
-  lines = [f'{"k":>4}  {"remat":<36}  {"peak":>14}  {"GFLOP":>10}  fits'
+  unrolled = any(c.unroll is not None for c in candidates)
+  head = f'  {"unroll":>6}' if unrolled else ''
+  lines = [f'{"k":>4}  {"remat":<36}{head}  {"peak":>14}  {"GFLOP":>10}  fits'
            f'   (budget {_mib(budget)})']
   for c in candidates:
     mark = ''
     if (chosen is not None and c.num_microbatches == chosen.num_microbatches
-        and c.remat is chosen.remat):
+        and c.remat is chosen.remat
+        and (type(c.unroll), c.unroll) == (type(chosen.unroll), chosen.unroll)):
       mark = '  <- chosen'
+    column = f'  {unroll_name(c.unroll):>6}' if unrolled else ''
     lines.append(
-        f'{c.num_microbatches:>4}  {remat_name(c.remat):<36}  '
+        f'{c.num_microbatches:>4}  {remat_name(c.remat):<36}{column}  '
         f'{_mib(c.peak_bytes):>14}  {c.flops / 1e9:>10.3f}  '
         f'{"yes" if c.fits else "no":<4}{mark}')
   return '\n'.join(lines)
+
+
+def _trips(k: int, unroll: Any) -> int:
+  """Iterations of the loop of ``k`` micro-batches unrolled ``unroll``
+  times (1 when no unroll option was given)."""
+  if unroll is None or unroll is True:
+    return 1
+  return -(-k // max(int(unroll), 1))
+
+
+def _choose(tried: list[PlanCandidate]) -> PlanCandidate | None:
+  """Among the candidates of one ``k`` that fit: the least recomputation
+  (fewest flops among those with the same unroll), then the fewest loop
+  iterations, then the listed order."""
+
+  def flops(c):
+    return math.inf if math.isnan(c.flops) else c.flops
+
+  def key(item):
+    index, c = item
+    trips = _trips(c.num_microbatches, c.unroll)
+    same = [o for o in tried if _trips(o.num_microbatches, o.unroll) == trips]
+    rank = sum(flops(o) < flops(c) for o in same)
+    return rank, trips, index
+
+  fits = [(i, c) for i, c in enumerate(tried) if c.fits]
+  return min(fits, key=key)[1] if fits else None
 
 
 def _leading_size(tree: Any, argnum: int) -> int:
@@ -232,6 +280,7 @@ def plan_microbatches(
     num_microbatches: Sequence[int] | None = None,
     remat: Sequence[Any] = (None, True),
     print_fn: Callable[[str], Any] | None = print,
+    unroll: Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> MemoryPlan:
   """Picks the fewest micro-batches (and cheapest remat) whose step fits.
@@ -244,6 +293,16 @@ def plan_microbatches(
   fewest compiled flops (the least recomputation) is chosen, ties going to the
   earlier option. Larger ``k`` are not compiled. The step is never run, so
   ``args`` can be ``jax.ShapeDtypeStruct``\\ s.
+
+  With ``unroll`` options, every ``(remat, unroll)`` pair is compiled at each
+  ``k`` with ``make_step(k, remat_option, unroll_option)``. An unrolled loop
+  holds several micro-batches' activations at once (more memory, same flops)
+  and is faster where a rolled loop is slow (convolutions on XLA:CPU). Among
+  the pairs that fit at the chosen ``k``: the least recomputation first
+  (remat options compared by flops at the same unroll), then the largest
+  unroll (the fewest loop iterations), then the listed order. The planner
+  never trades recomputation, a cost on every backend, for unrolling, whose
+  gain depends on the backend; pass only the remat options you accept.
 
   Args:
     make_step: ``make_step(num_microbatches, remat)`` returning a train step,
@@ -263,6 +322,9 @@ def plan_microbatches(
     remat: the remat options to try at each ``k`` (``None``, ``True`` or
       ``jax.checkpoint_policies`` policies), in order of preference.
     print_fn: prints the table of candidates; ``None`` to stay quiet.
+    unroll: the unroll options to try at each ``k`` (ints >= 1 or ``True``,
+      as ``lax.scan`` takes them), passed to ``make_step`` as a third
+      argument; ``None`` (the default) calls ``make_step(k, remat)``.
     **kwargs: example keyword arguments of the step.
 
   Returns:
@@ -325,24 +387,29 @@ def plan_microbatches(
   remat = tuple(remat)
   if not remat:
     raise ValueError('remat must name at least one option, e.g. (None,).')
+  if unroll is None:
+    unrolls = (None,)
+  else:
+    unrolls = tuple(_loop.check_unroll(u) for u in unroll)
+    if not unrolls:
+      raise ValueError('unroll must name at least one option, e.g. (1, '
+                       'True), or be None.')
 
   candidates = []
   chosen = None
   for k in ks:
-    fits = []
+    tried = []
     for option in remat:
-      memory = compiled_memory(make_step(k, option), *args,
-                               donate_argnums=donate_argnums, **kwargs)
-      candidate = PlanCandidate(k, option, memory.peak_bytes, memory.flops,
-                                memory.peak_bytes <= budget_bytes, memory)
-      candidates.append(candidate)
-      if candidate.fits:
-        fits.append(candidate)
-    if fits:
-      # Fewest flops, NaN (unreported) last; ties keep the listed order.
-      chosen = min(fits, key=lambda c: (math.isnan(c.flops),
-                                        0.0 if math.isnan(c.flops)
-                                        else c.flops))
+      for u in unrolls:
+        step = make_step(k, option) if u is None else make_step(k, option, u)
+        memory = compiled_memory(step, *args, donate_argnums=donate_argnums,
+                                 **kwargs)
+        tried.append(PlanCandidate(k, option, memory.peak_bytes, memory.flops,
+                                   memory.peak_bytes <= budget_bytes, memory,
+                                   u))
+    candidates.extend(tried)
+    chosen = _choose(tried)
+    if chosen is not None:
       break
 
   candidates = tuple(candidates)
@@ -355,7 +422,7 @@ def plan_microbatches(
         + _table(candidates, budget_bytes)
     )
   plan = MemoryPlan(chosen.num_microbatches, chosen.remat, chosen.peak_bytes,
-                    chosen.flops, int(budget_bytes), candidates)
+                    chosen.flops, int(budget_bytes), candidates, chosen.unroll)
   if print_fn is not None:
     print_fn(plan.table())
   return plan

@@ -39,6 +39,7 @@ def value_and_grad(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    unroll: int | bool = 1,
 ) -> Callable[..., Any]:
   r"""A micro-batched drop-in for ``jax.value_and_grad(loss_fn)``.
 
@@ -108,12 +109,21 @@ def value_and_grad(
     mesh: the mesh to split the loop over; by default the mesh set with
       ``jax.set_mesh``, or the one carried by the batch's sharding.
     axis_name: the batch axes (a mesh axis name or a tuple of them); by
-      default the axes sharding the batch's leading dimension, which is known
-      for explicit mesh axes (``jax.make_mesh``'s default). Pass it for a
-      mesh with ``AxisType.Auto`` axes, or inside a ``shard_map`` that is
-      manual over these axes, to get the one reduction after the loop.
+      default the axes sharding the batch's leading dimension where that is
+      known: for explicit mesh axes (``jax.make_mesh``'s default), or for a
+      concrete batch outside ``jit``. Pass it under ``jit`` on a mesh with
+      ``AxisType.Auto`` axes (``Mesh(devices, names)``'s default; a warning
+      at trace time names the fix), or inside a ``shard_map`` that is manual
+      over these axes, to get the one reduction after the loop. ``()``
+      runs the loop unsplit and leaves the reductions to the partitioner.
     fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``: when gradients of
       parameters sharded over a batch axis are reduce-scattered (see above).
+    unroll: micro-batches per iteration of the loop, as ``lax.scan``'s
+      ``unroll=``: an int >= 1, or True for all ``k`` (no loop). The numbers
+      are the same; an unrolled loop keeps the activations of ``unroll``
+      micro-batches live at once. Worth it on XLA:CPU with convolutions,
+      which run many times slower inside a rolled loop than outside one;
+      on GPU and TPU leave it at 1. See ``docs/unroll.md``.
 
   Returns:
     ``f(params, batch, *args, **kwargs)`` returning ``(value, grads)`` or
@@ -135,7 +145,7 @@ def value_and_grad(
       loss_fn, _checks.check_num_microbatches(num_microbatches),
       has_aux=has_aux, weight_fn=weight_fn,
       accumulator_dtype=accumulator_dtype, stack_aux=stack_aux, remat=remat,
-      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
+      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce, unroll=unroll)
 
   def f(params, batch, *args, **kwargs):
     result = run(loop, _loop.inputs(loop, params, batch, args, kwargs))
@@ -157,6 +167,7 @@ def value_and_update(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    unroll: int | bool = 1,
 ) -> Callable[..., Any]:
   """One optimizer step over a whole batch, micro-batched in one ``lax.scan``.
 
@@ -186,6 +197,7 @@ def value_and_update(
     mesh: as in :func:`value_and_grad`.
     axis_name: as in :func:`value_and_grad`.
     fsdp_reduce: as in :func:`value_and_grad`.
+    unroll: as in :func:`value_and_grad`.
 
   Returns:
     ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
@@ -219,7 +231,8 @@ def value_and_update(
     )
   loop = for_transform(tx, loss_fn, 'value_and_update', has_aux=has_aux,
                        weight_fn=weight_fn, stack_aux=stack_aux, remat=remat,
-                       mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
+                       mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
+                       unroll=unroll)
 
   def f(params, opt_state, batch, *args, **kwargs):
     value, updates, opt_state, _ = optimizer_step(

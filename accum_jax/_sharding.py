@@ -16,10 +16,18 @@ function (``fsdp_reduce='per_microbatch'``: the gather's transpose is one
 reduce-scatter per micro-batch and the accumulator stays sharded) or once
 before the loop (``'per_step'``: a local, unsharded accumulator and one
 reduce-scatter after the loop).
+
+The batch axes are read from the batch's sharding where it is known: in its
+type (explicit mesh axes), or, for a concrete array outside ``jit``, from the
+array itself. Under ``jit`` on a mesh with ``AxisType.Auto`` axes the type
+does not say how the batch is sharded (and the trace must not depend on it),
+so the loop runs unsplit unless ``axis_name=`` names the axes; a warning at
+trace time says so (see ``docs/scaling.md`` for why the axes are not guessed).
 """
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -64,25 +72,34 @@ def _axes_tuple(entry) -> tuple[str, ...]:
   return (entry,)
 
 
-def _known_spec(x) -> P | None:
-  """The sharding spec of ``x`` if its type carries one (explicit axes)."""
+def _concrete(x) -> bool:
+  """Whether ``x`` is an array with a placement (not a tracer under jit)."""
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def _sharding_of(x) -> NamedSharding | None:
+  """The sharding of ``x`` where it is known: a concrete array's own (which
+  shows Auto axes too), else the one its type carries (explicit axes)."""
+  if _concrete(x) and isinstance(x.sharding, NamedSharding):
+    return x.sharding
   try:
     sharding = jax.typeof(x).sharding
   except (TypeError, AttributeError):
     return None
-  if not isinstance(sharding, NamedSharding):
-    return None
-  return sharding.spec
+  return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def _known_spec(x) -> P | None:
+  """The sharding spec of ``x`` where it is known (see ``_sharding_of``)."""
+  sharding = _sharding_of(x)
+  return None if sharding is None else sharding.spec
 
 
 def _spec_mesh(tree) -> Any:
-  """The mesh carried by the types of ``tree``'s leaves (explicit axes)."""
+  """The mesh of the shardings of ``tree``'s leaves, where they are known."""
   for leaf in jax.tree.leaves(tree):
-    try:
-      sharding = jax.typeof(leaf).sharding
-    except (TypeError, AttributeError):
-      continue
-    if isinstance(sharding, NamedSharding) and not sharding.mesh.empty:
+    sharding = _sharding_of(leaf)
+    if sharding is not None and not sharding.mesh.empty:
       return sharding.mesh
   return None
 
@@ -124,6 +141,37 @@ def _batch_axes(mesh, axis_name, batch) -> tuple[str, ...]:
   return next(iter(found), ())
 
 
+def _auto_axes_hint(mesh, batch, num_microbatches) -> str | None:
+  """The warning for a mesh with Auto axes that could shard a traced batch
+  whose placement is unknown, or None when there is nothing to fix."""
+  if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(batch)):
+    return None  # a concrete batch: its sharding was read, it is unsharded
+  context = jax.sharding.get_abstract_mesh()
+  if AxisType.Manual in getattr(context, 'axis_types', ()):
+    return None  # inside a shard_map the caller places the reductions
+  size = _split.batch_size(batch, num_microbatches)
+  shape = dict(mesh.shape)
+  names = [name for name, kind in zip(mesh.axis_names, mesh.axis_types,
+                                      strict=True)
+           if kind == AxisType.Auto and shape[name] > 1
+           and size % (shape[name] * num_microbatches) == 0]
+  if not names:
+    return None
+  axes = ', '.join(f'{a!r}: {shape[a]}' for a in names)
+  fix = (f'axis_name={names[0]!r}' if len(names) == 1 else
+         f'axis_name= naming the axes among {tuple(names)} that shard it '
+         f'(e.g. axis_name={names[0]!r})')
+  return (
+      f'accum_jax: the mesh has Auto axes ({axes}), whose batch sharding is '
+      'not visible under jit, so the loop of num_microbatches='
+      f'{num_microbatches} runs unsplit and the partitioner may all-reduce '
+      'the gradient once per micro-batch. If the batch is sharded along its '
+      f'leading axis, pass {fix} for one reduction per step; if not (or to '
+      'keep the partitioner\'s placement), pass axis_name=() to silence '
+      'this. See docs/scaling.md, "Meshes with Auto axes".'
+  )
+
+
 def _param_spec(leaf, axes) -> P:
   spec = _known_spec(leaf)
   if spec is None:
@@ -154,6 +202,8 @@ def plan(
     raise ValueError(
         f'fsdp_reduce must be one of {FSDP_REDUCE}, got {fsdp_reduce!r}.'
     )
+  if axis_name is not None and not _axes_tuple(axis_name):
+    return None  # axis_name=(): not split over the mesh, on purpose
   mesh = _resolve_mesh(mesh, batch)
   if mesh is None or mesh.empty:
     if axis_name is not None:
@@ -163,6 +213,10 @@ def plan(
       )
     return None
   axes = _batch_axes(mesh, axis_name, batch)
+  if not axes:
+    hint = _auto_axes_hint(mesh, batch, num_microbatches)
+    if hint is not None:
+      warnings.warn(hint, UserWarning, stacklevel=2)
   shape = dict(mesh.shape)
   num_shards = math.prod(shape[a] for a in axes)
   if num_shards == 1:

@@ -150,12 +150,13 @@ def accum_cross_step(model: Model, inner, k: int) -> Contender:
                    tx.init(model.params), True)
 
 
-def accum_in_step(model: Model, inner, k: int, remat=None) -> Contender:
+def accum_in_step(model: Model, inner, k: int, remat=None,
+                  unroll=1) -> Contender:
   """``accum_jax.value_and_update``: the whole window in one ``lax.scan``."""
   tx = accum_jax.accumulate(inner, k)
   grad_step = accum_jax.value_and_update(
       lambda p, b, s, rng: model.mean_loss(p, b, s, rng), tx, has_aux=True,
-      weight_fn=model.weight_fn, remat=remat)
+      weight_fn=model.weight_fn, remat=remat, unroll=unroll)
 
   def step(params, opt_state, state, batch, rng):
     (loss, state), updates, opt_state = grad_step(params, opt_state, batch,
@@ -163,12 +164,16 @@ def accum_in_step(model: Model, inner, k: int, remat=None) -> Contender:
     return _apply(params, updates), opt_state, state, loss
 
   name = 'accum_jax value_and_update' + _remat_suffix(remat)
+  if unroll != 1:
+    name += f' unroll={unroll}'
   return Contender(name, step, tx.init(model.params), False)
 
 
 def make_accum_step(model: Model, inner):
-  """``make_step(k, remat)`` for :func:`accum_jax.plan_microbatches`."""
-  return lambda k, remat: accum_in_step(model, inner, k, remat).step
+  """``make_step(k, remat[, unroll])`` for
+  :func:`accum_jax.plan_microbatches`."""
+  return lambda k, remat, unroll=1: accum_in_step(model, inner, k, remat,
+                                                  unroll).step
 
 
 # name -> builder(model, inner, k); the remat rows are built separately.

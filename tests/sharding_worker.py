@@ -1,6 +1,6 @@
 """Runs the mesh checks of one configuration on 8 CPU devices; prints JSON.
 
-``python tests/sharding_worker.py {dp,fsdp,2d}``. Spawned by
+``python tests/sharding_worker.py {dp,fsdp,2d,auto}``. Spawned by
 ``tests/test_sharding.py`` (the device count must be set before jax starts,
 so this never runs inside the pytest process). Every check records what
 accum_jax computed on the mesh (``got``) next to an independent single-device
@@ -11,6 +11,7 @@ outside the micro-batch loop; the test file makes the assertions.
 import json
 import os
 import sys
+import warnings
 
 if __name__ == '__main__':
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -20,11 +21,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
-from accum_jax import _compat, _loop, _scan  # noqa: E402
+from accum_jax import _compat, _loop, _scan, _sharding  # noqa: E402
 from benchmarks import hlo as _hlo  # noqa: E402
 
 B = 64
@@ -427,11 +428,48 @@ def dp_extra(rec, mesh):
     rec.out['errors'] = errors
 
 
+def auto_checks(rec, mesh):
+  """A mesh with Auto axes, as ``Mesh(devices, names)`` makes it, and a batch
+  placed with ``device_put``: named, unnamed (warned), silenced, eager."""
+  grad_checks(rec, mesh, {'w1': P(), 'b1': P(), 'w2': P()}, 'auto',
+              axis_name='data')
+  update_checks(rec, mesh, {'w1': P(), 'b1': P(), 'w2': P()}, 'auto',
+                axis_name='data')
+  params, batch = make_params(), make_batch()
+  want = jax.tree.map(lambda g: -g, jax.grad(loss_fn)(params, batch))
+  with jax.set_mesh(mesh):
+    ps = put(mesh, params, jax.tree.map(lambda _: P(), params))
+    bs = put(mesh, batch, jax.tree.map(lambda _: P('data'), batch))
+    for k in KS:
+      tx = accum_jax.accumulate(optax.sgd(1.0), k)
+      state = jax.jit(tx.init)(ps)
+      for name, opts in (('unnamed', {}), ('silenced', {'axis_name': ()})):
+        with warnings.catch_warnings(record=True) as caught:
+          warnings.simplefilter('always')
+          (_, updates, _), counts = rec.run(
+              accum_jax.value_and_update(loss_fn, tx, **opts), ps, state, bs)
+        rec.record(f'auto/{name}_update/k{k}', updates, want, counts,
+                   warnings=[str(w.message) for w in caught])
+    # Outside jit the batch is a concrete array: its sharding is read.
+    k = 4
+    tx = accum_jax.accumulate(optax.sgd(1.0), k)
+    state = jax.jit(tx.init)(ps)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      _, updates, _ = accum_jax.value_and_update(loss_fn, tx)(ps, state, bs)
+    plan = _sharding.plan(None, None, 'per_microbatch', ps, bs, k)
+    rec.record('auto/eager', updates, want, axes=list(plan.axes),
+               warnings=[str(w.message) for w in caught])
+
+
 def main(config):
   if config == '2d':
     # Data axis explicit (read from the batch), model axis left to GSPMD.
     mesh = jax.make_mesh((4, 2), ('data', 'model'),
                          axis_types=(AxisType.Explicit, AxisType.Auto))
+  elif config == 'auto':
+    mesh = Mesh(np.array(jax.devices()), ('data',))  # Auto axes
+    assert mesh.axis_types == (AxisType.Auto,)
   else:
     mesh = _compat.make_mesh((8,), ('data',))
   rec = Recorder(mesh, 'data')
@@ -456,6 +494,8 @@ def main(config):
     grad_checks(rec, mesh, tp_fsdp, 'tp_fsdp')
     update_checks(rec, mesh, tp_fsdp, 'tp_fsdp', ks=(2, 8))
     weighted_aux_checks(rec, mesh, tp_fsdp, 'tp_fsdp')
+  elif config == 'auto':
+    auto_checks(rec, mesh)
   else:
     raise SystemExit(f'unknown configuration {config!r}')
   print(json.dumps(rec.out))

@@ -23,7 +23,7 @@ import accum_jax
 from benchmarks import hlo as _hlo
 
 HERE = pathlib.Path(__file__).parent
-CONFIGS = ('dp', 'fsdp', '2d')
+CONFIGS = ('dp', 'fsdp', '2d', 'auto')
 KS = (1, 2, 4, 8)
 # Generous: three 8-device workers compile in parallel on a 2-core machine.
 TIMEOUT_S = int(os.environ.get('ACCUM_JAX_SHARDING_TIMEOUT', 1200))
@@ -86,6 +86,37 @@ def test_data_parallel_reduces_once_outside_the_loop(results, api, k):
   assert record['counts']['all']['outside'] == {**NONE, 'all-reduce': 1}
   # Replicated parameters stay replicated.
   assert set(record['param_specs']) <= {'P()', 'P(None, None)', 'P(None,)'}
+
+
+@pytest.mark.parametrize('k', KS)
+@pytest.mark.parametrize('api', ('grad', 'update'))
+def test_auto_axes_named_reduce_once_outside_the_loop(results, api, k):
+  # Mesh(devices, ('data',)) has Auto axes; with axis_name='data' the loop
+  # is split as on an explicit mesh: nothing in the loop, one all-reduce.
+  counts = results['auto'][f'auto/{api}/k{k}']['counts']['all']
+  assert counts['inside'] == NONE
+  assert counts['outside'] == {**NONE, 'all-reduce': 1}
+
+
+@pytest.mark.parametrize('k', KS)
+def test_auto_axes_unnamed_warns_with_the_fix(results, k):
+  record = results['auto'][f'auto/unnamed_update/k{k}']
+  (warning,) = record['warnings']
+  assert warning.startswith("accum_jax: the mesh has Auto axes ('data': 8)")
+  assert "pass axis_name='data' for one reduction per step" in warning
+  assert 'pass axis_name=() to silence' in warning
+  # The fallback: the partitioner's all-reduce in every micro-batch.
+  if k > 1:
+    assert _data(record, 'inside')['all-reduce'] >= 1
+  silenced = results['auto'][f'auto/silenced_update/k{k}']
+  assert silenced['warnings'] == []
+  assert silenced['counts'] == record['counts']
+
+
+def test_auto_axes_outside_jit_read_the_arrays_sharding(results):
+  record = results['auto']['auto/eager']
+  assert record['axes'] == ['data']
+  assert record['warnings'] == []
 
 
 @pytest.mark.parametrize('name', ('auto/named', 'dp/in_shard_map',
