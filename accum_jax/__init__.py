@@ -12,6 +12,7 @@ from accum_jax._accumulate import (
   AccumulateTransformation,
   accumulate,
   flush,
+  has_updated,
 )
 from accum_jax._planner import (
   CompiledMemory,
@@ -53,6 +54,7 @@ __all__ = (
     'accumulate',
     'compiled_memory',
     'flush',
+    'has_updated',
     'linen_train_step',
     'nnx_train_step',
     'plan_microbatches',

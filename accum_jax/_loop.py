@@ -51,6 +51,9 @@ class Loop:
     mesh: the mesh to split the loop over (None: from the context or batch).
     axis_name: the batch axes (None: read from the batch's sharding).
     fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``.
+    should_skip_update_fn: ``fn(grads, gradient_step, params) ->
+      (should_skip, info)`` asked for every micro-batch (``Inputs`` then
+      carries the gradient step and the previous info), or None.
   """
 
   loss_fn: Callable[..., Any]
@@ -66,6 +69,7 @@ class Loop:
   mesh: Any = None
   axis_name: Any = None
   fsdp_reduce: str = 'per_microbatch'
+  should_skip_update_fn: Callable[..., Any] | None = None
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
@@ -74,7 +78,8 @@ class Loop:
   @property
   def screened(self) -> bool:
     """Whether a micro-batch's weight can differ from 1 (or it be dropped)."""
-    return self.weight_fn is not None or self.nonfinite != 'propagate'
+    return (self.weight_fn is not None or self.nonfinite != 'propagate'
+            or self.should_skip_update_fn is not None)
 
 
 def _policies() -> dict[str, Any]:
@@ -132,6 +137,10 @@ class Inputs(NamedTuple):
     kwargs: passed to every micro-batch (``rng`` folded per micro-batch).
     num_real: traced int32 count of real micro-batches, or None (all).
     state: the threaded state (``Loop.has_state``), else None.
+    gradient_step: with ``Loop.should_skip_update_fn``, the step passed to
+      it (the transform's ``state.step``).
+    skip_state: with ``Loop.should_skip_update_fn``, its info before the
+      first micro-batch (the transform's ``state.skip_state``).
   """
 
   params: Any
@@ -140,14 +149,18 @@ class Inputs(NamedTuple):
   kwargs: dict[str, Any]
   num_real: jax.Array | None = None
   state: Any = None
+  gradient_step: Any = None
+  skip_state: Any = None
 
 
 class Result(NamedTuple):
-  """What a loop returns: its sums, the last state, one micro-batch's shapes."""
+  """What a loop returns: its sums, the last state, one micro-batch's shapes,
+  and the skip predicate's info for the last real micro-batch."""
 
   sums: _sums.Sums
   state: Any
   shapes: _sums.Shapes
+  skip_state: Any = None
 
 
 def inputs(loop: Loop, params, batch, args, kwargs, state=None) -> Inputs:
@@ -312,7 +325,9 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   # the gradient adds straight into the carry; scaling it afterwards kept a
   # scatter gradient (an embedding's) in a buffer of its own (+3% on an LM).
   # Not for a bf16/fp16 loss, whose seed would round the weight.
+  # Not with a skip predicate either: it must see the unweighted gradient.
   prescale = loop.prescale or (loop.weight_fn is not None
+                               and loop.should_skip_update_fn is None
                                and jnp.finfo(value_like.dtype).bits >= 32)
   sums0 = _sums.Sums.zeros(
       shapes, loop.accumulator_dtype,
@@ -324,7 +339,7 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
 
   @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(carry, index):
-    sums, state = carry
+    sums, state, info = carry
     if num_real is None:
       (value, aux, grads, weight), new_state = one(index, state, prescale)
     else:
@@ -334,26 +349,37 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
           lambda _, state: (jax.tree.map(_varying.zeros_like_struct,
                                          outs_like), state),
           index, state)
-    bad = None
+    bad = skip = None
+    real = None if num_real is None else index < num_real
+    if loop.should_skip_update_fn is not None:
+      skip, new_info = _nonfinite.ask(loop.should_skip_update_fn, grads,
+                                      inp.gradient_step, inp.params, info)
+      # A padding micro-batch is not a micro-step: the info stays.
+      info = new_info if real is None else jax.tree.map(
+          lambda new, old: jnp.where(real, new, old), new_info, info)
     if screened:
       value, aux, grads, weight, bad = _nonfinite.screen(
           loop.nonfinite, grads, weight, weighted=loop.weight_fn is not None,
-          real=None if num_real is None else index < num_real, value=value,
-          aux=aux)
-      if loop.has_state and bad is not None:  # a dropped micro-batch
-        new_state = jax.tree.map(lambda old, new: jnp.where(bad > 0, old, new),
+          real=real, value=value, aux=aux, skip=skip)
+      dropped = None if bad is None else bad > 0
+      if skip is not None:
+        dropped = skip if dropped is None else dropped | skip
+      if loop.has_state and dropped is not None:  # a dropped micro-batch
+        new_state = jax.tree.map(lambda old, new: jnp.where(dropped, old, new),
                                  state, new_state)
     sums = sums.add(_sums.Micro(value, aux, grads, weight, bad, prescale))
     stacked = (aux, weight) if loop.stack_aux else None
-    return (sums, new_state), stacked
+    return (sums, new_state, info), stacked
 
-  init = _varying.match_carry(body, (sums0, inp.state))
-  (sums, state), stacked = jax.lax.scan(body, init,
-                                        jnp.arange(k, dtype=jnp.int32))
+  info0 = (inp.skip_state if loop.should_skip_update_fn is not None
+           else None)
+  init = _varying.match_carry(body, (sums0, inp.state, info0))
+  (sums, state, info), stacked = jax.lax.scan(body, init,
+                                              jnp.arange(k, dtype=jnp.int32))
   if loop.stack_aux:
     aux, weights = stacked
     sums = sums._replace(aux=aux, aux_weights=weights)
-  return Result(sums, state, shapes)
+  return Result(sums, state, shapes, info)
 
 
 def _check_state(new_like, state):
