@@ -548,3 +548,15 @@ def test_optax_multi_steps_mixed_precision():
         new_params = jax.eval_shape(optax.apply_updates, params, acc_updates)
         assert dtypes(new_params) == dtypes(params)
         params = new_params
+
+
+def test_docs_examples_run():
+  """The code blocks of docs/multisteps.md run, in order, as written."""
+  path = os.path.join(os.path.dirname(__file__), '..', 'docs', 'multisteps.md')
+  with open(path) as f:
+    text = f.read()
+  blocks = [b.split('```', 1)[0] for b in text.split('```python\n')[1:]]
+  assert len(blocks) >= 4
+  namespace = {}
+  for block in blocks:
+    exec(compile(block, path, 'exec'), namespace)  # noqa: S102
