@@ -328,7 +328,11 @@ class AccumulateConfig:
       if self.use_grad_mean:
         grads = mean_of(acc, weight, grads_like)
       else:
-        grads = jax.tree.map(lambda a, g: a.astype(g.dtype), acc, grads_like)
+        # The sum, divided by a 1 that depends on the window's weight: like
+        # the mean's division, it keeps the inner update after the loop
+        # (without it XLA held 7 MiB more temporaries, 1.4x, on a 6-layer
+        # 1024-wide MLP with adam, k=8).
+        grads = mean_of(acc, weight * 0 + 1, grads_like)
       updates, new_inner = self.inner.update(grads, inner_state, params,
                                              **extra_args)
       # Updates come back as the inner optimizer makes them; the inner state
