@@ -12,6 +12,7 @@ from accum_jax._accumulate import (
   AccumulateTransformation,
   accumulate,
   flush,
+  has_updated,
 )
 from accum_jax._planner import (
   CompiledMemory,
@@ -58,6 +59,7 @@ __all__ = (
     'filter_value_and_grad',
     'filter_value_and_update',
     'flush',
+    'has_updated',
     'linen_train_step',
     'nnx_train_step',
     'plan_microbatches',

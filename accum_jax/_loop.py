@@ -54,6 +54,9 @@ class Loop:
     fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``.
     unroll: micro-batches per iteration of the ``lax.scan`` (its
       ``unroll=``): an int >= 1, or a bool (True: all ``k``, False: 1).
+    should_skip_update_fn: ``fn(grads, gradient_step, params) ->
+      (should_skip, info)`` asked for every micro-batch (``Inputs`` then
+      carries the gradient step and the previous info), or None.
   """
 
   loss_fn: Callable[..., Any]
@@ -70,6 +73,7 @@ class Loop:
   axis_name: Any = None
   fsdp_reduce: str = 'per_microbatch'
   unroll: int | bool = 1
+  should_skip_update_fn: Callable[..., Any] | None = None
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
@@ -79,7 +83,8 @@ class Loop:
   @property
   def screened(self) -> bool:
     """Whether a micro-batch's weight can differ from 1 (or it be dropped)."""
-    return self.weight_fn is not None or self.nonfinite != 'propagate'
+    return (self.weight_fn is not None or self.nonfinite != 'propagate'
+            or self.should_skip_update_fn is not None)
 
 
 def _policies() -> dict[str, Any]:
@@ -154,6 +159,10 @@ class Inputs(NamedTuple):
     kwargs: passed to every micro-batch (``rng`` folded per micro-batch).
     num_real: traced int32 count of real micro-batches, or None (all).
     state: the threaded state (``Loop.has_state``), else None.
+    gradient_step: with ``Loop.should_skip_update_fn``, the step passed to
+      it (the transform's ``state.step``).
+    skip_state: with ``Loop.should_skip_update_fn``, its info before the
+      first micro-batch (the transform's ``state.skip_state``).
   """
 
   params: Any
@@ -162,14 +171,18 @@ class Inputs(NamedTuple):
   kwargs: dict[str, Any]
   num_real: jax.Array | None = None
   state: Any = None
+  gradient_step: Any = None
+  skip_state: Any = None
 
 
 class Result(NamedTuple):
-  """What a loop returns: its sums, the last state, one micro-batch's shapes."""
+  """What a loop returns: its sums, the last state, one micro-batch's shapes,
+  and the skip predicate's info for the last real micro-batch."""
 
   sums: _sums.Sums
   state: Any
   shapes: _sums.Shapes
+  skip_state: Any = None
 
 
 def inputs(loop: Loop, params, batch, args, kwargs, state=None) -> Inputs:
@@ -334,7 +347,9 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   # the gradient adds straight into the carry; scaling it afterwards kept a
   # scatter gradient (an embedding's) in a buffer of its own (+3% on an LM).
   # Not for a bf16/fp16 loss, whose seed would round the weight.
+  # Not with a skip predicate either: it must see the unweighted gradient.
   prescale = loop.prescale or (loop.weight_fn is not None
+                               and loop.should_skip_update_fn is None
                                and jnp.finfo(value_like.dtype).bits >= 32)
   sums0 = _sums.Sums.zeros(
       shapes, loop.accumulator_dtype,
@@ -345,20 +360,26 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
 
   def step(carry, index):
     """Adds micro-batch ``index`` (a real one) to the sums."""
-    sums, state = carry
+    sums, state, info = carry
     (value, aux, grads, weight), new_state = one(index, state, prescale)
     micro = _sums.Micro(value, aux, grads, weight, None,
                         jnp.ones_like(weight) if prescale else None)
+    skip = None
+    if loop.should_skip_update_fn is not None:
+      skip, info = _nonfinite.ask(loop.should_skip_update_fn, grads,
+                                  inp.gradient_step, inp.params, info)
     if loop.screened:
       micro = _nonfinite.screen(loop.nonfinite, micro,
                                 weighted=loop.weight_fn is not None,
-                                lazy_skip_step=True)
-      if loop.has_state and micro.bad is not None:  # a dropped micro-batch
-        new_state = jax.tree.map(
-            lambda old, new: jnp.where(micro.bad > 0, old, new), state,
-            new_state)
+                                lazy_skip_step=True, skip=skip)
+      dropped = None if micro.bad is None else micro.bad > 0
+      if skip is not None:
+        dropped = skip if dropped is None else dropped | skip
+      if loop.has_state and dropped is not None:  # a dropped micro-batch
+        new_state = jax.tree.map(lambda old, new: jnp.where(dropped, old, new),
+                                 state, new_state)
     stacked = (micro.aux, micro.weight) if loop.stack_aux else None
-    return (sums.add(micro), new_state), stacked
+    return (sums.add(micro), new_state, info), stacked
 
   def padding(carry, index):
     """A padding micro-batch: not computed; the carry passes through."""
@@ -373,18 +394,20 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
     # the carry through, so XLA adds the gradient into the carry in place. A
     # cond returning the micro-batch's gradient (zeros for padding) gave that
     # gradient a buffer of its own: a parameter-sized temporary in the loop.
+    # A padding micro-batch is not a micro-step: the skip info stays too.
     return jax.lax.cond(index < num_real, step, padding, carry, index)
 
+  info0 = (inp.skip_state if loop.should_skip_update_fn is not None
+           else None)
   # A no-op outside shard_map. On `step`: the cond in `body` needs a carry
   # that is already as device-varying as a real micro-batch makes it.
-  init = _varying.match_carry(step, (sums0, inp.state))
-  (sums, state), stacked = jax.lax.scan(body, init,
-                                        jnp.arange(k, dtype=jnp.int32),
-                                        unroll=loop.unroll)
+  init = _varying.match_carry(step, (sums0, inp.state, info0))
+  (sums, state, info), stacked = jax.lax.scan(
+      body, init, jnp.arange(k, dtype=jnp.int32), unroll=loop.unroll)
   if loop.stack_aux:
     aux, weights = stacked
     sums = sums._replace(aux=aux, aux_weights=weights)
-  return Result(sums, state, shapes)
+  return Result(sums, state, shapes, info)
 
 
 def _check_state(new_like, state):

@@ -8,6 +8,10 @@ or loss has weight 0 too. Under the skip policies whatever is dropped is
 replaced by exact zeros with ``jnp.where`` before it is multiplied, so
 ``0 * inf = NaN`` never reaches the accumulator; ``'propagate'`` is plain
 arithmetic on the gradient (``0 * grads``).
+
+A user predicate (``should_skip_update_fn``, optax.MultiSteps' protocol) is
+asked first, by :func:`ask`: a micro-step it skips is dropped like a padding
+micro-batch, with a select on its gradient whatever the policy.
 """
 
 from typing import Any
@@ -52,6 +56,7 @@ def screen(
     *,
     weighted: bool,
     lazy_skip_step: bool = False,
+    skip: jax.Array | None = None,
 ) -> _sums.Micro:
   """What one micro-batch may add to the window.
 
@@ -63,6 +68,9 @@ def screen(
     weighted: whether the weight came from the user (else it is 1).
     lazy_skip_step: in-step under ``'skip_step'``, select the gradient on a
       zero weight only, not on finiteness (see below).
+    skip: bool scalar, True when ``should_skip_update_fn`` skips it: it is
+      dropped (its gradient selected away, whatever the policy) and not
+      counted as non-finite.
 
   Returns:
     ``micro`` with a dropped micro-batch's loss, aux, gradient and weight
@@ -72,6 +80,8 @@ def screen(
   w = micro.weight
   if weighted:
     w = jnp.where(w < 0, jnp.zeros_like(w), w)
+  if skip is not None:
+    w = jnp.where(skip, jnp.zeros_like(w), w)
   nonzero = w != 0  # True for a NaN weight: under 'propagate' NaN propagates.
   bad = None
   keep = nonzero
@@ -86,7 +96,7 @@ def screen(
     return jnp.where(on, x, jnp.zeros_like(x))
 
   grads, scale = micro.grads, select(w)
-  if lazy_skip_step and policy == 'skip_step':
+  if lazy_skip_step and policy == 'skip_step' and skip is None:
     # The window of a non-finite micro-batch is not applied and its sum is
     # reset, so its gradient may reach the sum: it is selected on its weight
     # alone, known before the backward pass. Selecting on finiteness made
@@ -94,11 +104,12 @@ def screen(
     # micro-batch's whole gradient live at once (a parameter-sized buffer).
     grads = jax.tree.map(lambda g: select(g, nonzero), grads)
     scale = select(w, nonzero)
-  elif policy != 'propagate':
+  elif policy != 'propagate' or skip is not None:
     # Under 'propagate' the gradient is left alone: a select here would keep
     # a scatter (embedding) gradient in a buffer of its own instead of adding
     # it into the carry in place. A weight-0 micro-batch then adds 0 * grads,
-    # which is exact zeros unless its gradient is non-finite.
+    # which is exact zeros unless its gradient is non-finite. A skipped one
+    # (often skipped for being non-finite) is always selected away.
     grads = jax.tree.map(select, grads)
   return _sums.Micro(
       value=None if micro.value is None else select(micro.value),
@@ -130,3 +141,40 @@ def window_ok(policy: str, state: Any) -> jax.Array:
   if policy == 'skip_step':
     ok = ok & ~jnp.asarray(state.window_nonfinite, jnp.bool_)
   return ok
+
+
+def skip_info_like(fn: Any, params: Any) -> Any:
+  """Zeros shaped like the info ``fn(updates, gradient_step, params)``
+  returns: the ``skip_state`` before any micro-step (``()`` without ``fn``)."""
+  if fn is None:
+    return ()
+  grads = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params)
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  _, info = jax.eval_shape(fn, grads, step, params)
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), info)
+
+
+def ask(fn: Any, grads: Any, gradient_step: jax.Array, params: Any,
+        info_like: Any) -> tuple[jax.Array, Any]:
+  """``fn(grads, gradient_step, params)``: whether to skip this micro-step,
+  and its info in the structure and dtypes of ``info_like`` (the state's
+  ``skip_state``), so a ``lax.cond`` or scan carries it unchanged."""
+  should_skip, info = fn(grads, gradient_step, params)
+  should_skip = jnp.asarray(should_skip)
+  if (should_skip.dtype, should_skip.shape) != (jnp.bool_, ()):
+    raise ValueError(
+        'should_skip_update_fn must return (should_skip, info) with '
+        'should_skip a boolean scalar array, but it returned dtype '
+        f'{should_skip.dtype} and shape {should_skip.shape}.'
+    )
+  if jax.tree.structure(info) != jax.tree.structure(info_like):
+    raise ValueError(
+        'should_skip_update_fn returned info with structure '
+        f'{jax.tree.structure(info)}, but the state\'s skip_state has '
+        f'{jax.tree.structure(info_like)}. Create the state with this '
+        'transform\'s init.'
+    )
+  info = jax.tree.map(lambda x, like: jnp.asarray(x).astype(like.dtype),
+                      info, info_like)
+  return should_skip, info

@@ -8,12 +8,15 @@ the batch the same loop per device, reduced once after it
 :func:`value_and_update`, shared with the Flax helpers.
 """
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
 from accum_jax import _accumulate, _checks, _loop, _nonfinite, _sharding, _sums
+
+INNER_EXTRA_ARGS_KWARG = 'inner_extra_args'
 
 
 def run(loop: _loop.Loop, inp: _loop.Inputs,
@@ -24,6 +27,14 @@ def run(loop: _loop.Loop, inp: _loop.Inputs,
                         inp.params, inp.batch, loop.num_microbatches)
   if plan is None:
     return _loop.scan(loop, inp, start)
+  if loop.should_skip_update_fn is not None:
+    raise ValueError(
+        'should_skip_update_fn is asked for each micro-batch\'s gradient, but '
+        'on this mesh every device holds only its share of a micro-batch '
+        'until the one reduction after the loop. Use nonfinite='
+        "'skip_microbatch' (screened per device share) in-step, or the "
+        'predicate cross-step (tx.update on the reduced gradient).'
+    )
   return _sharding.scan(plan, loop, inp, start)
 
 
@@ -181,10 +192,18 @@ def value_and_update(
 
   The split, weighting, aux, RNG, dtype, mesh and ``num_real_microbatches=``
   rules are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
-  applied to every micro-batch (its gradient, weight and loss). Call it on a
-  state at a window boundary, which is where it always leaves it; a window
-  left half-full by cross-step ``tx.update`` calls is folded into this step's
-  mean.
+  applied to every micro-batch (its gradient, weight and loss), and so is its
+  ``should_skip_update_fn`` (one device only). Call it on a state at a window
+  boundary, which is where it always leaves it; a window left half-full by
+  cross-step ``tx.update`` calls is folded into this step's mean.
+
+  **Extra arguments of the inner optimizer.** When the inner optimizer's
+  ``update`` takes ``value`` (or ``**extra_args``, as ``optax.chain`` and
+  every optax ``GradientTransformationExtraArgs`` do) it gets ``value=`` the
+  batch's loss (the weighted mean that is returned), as
+  ``optax.contrib.reduce_on_plateau`` and the line searches expect. The
+  keyword ``inner_extra_args=`` (a dict, taken out of ``**kwargs``) adds or
+  overrides extra arguments, e.g. ``inner_extra_args={'value': val_loss}``.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
@@ -235,8 +254,18 @@ def value_and_update(
                        unroll=unroll)
 
   def f(params, opt_state, batch, *args, **kwargs):
+    extra_args = None
+    if INNER_EXTRA_ARGS_KWARG in kwargs:
+      kwargs = dict(kwargs)
+      extra_args = kwargs.pop(INNER_EXTRA_ARGS_KWARG)
+      if not isinstance(extra_args, Mapping):
+        raise TypeError(
+            f'{INNER_EXTRA_ARGS_KWARG} must be a dict of keyword arguments '
+            f'for the inner optimizer, got {type(extra_args).__name__}.'
+        )
     value, updates, opt_state, _ = optimizer_step(
-        loop, tx, _loop.inputs(loop, params, batch, args, kwargs), opt_state)
+        loop, tx, _loop.inputs(loop, params, batch, args, kwargs), opt_state,
+        extra_args)
     return value, updates, opt_state
 
   return f
@@ -250,16 +279,32 @@ def for_transform(tx: _accumulate.AccumulateTransformation,
   config = tx.config
   return _loop.Loop(loss_fn, config.static_num_microbatches(who),
                     accumulator_dtype=config.accumulator_dtype,
-                    nonfinite=config.nonfinite, **options)
+                    nonfinite=config.nonfinite,
+                    should_skip_update_fn=config.should_skip_update_fn,
+                    **options)
+
+
+def takes_value(update: Callable[..., Any]) -> bool:
+  """Whether an optax ``update`` accepts the keyword ``value``."""
+  try:
+    parameters = inspect.signature(update).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.kind is p.VAR_KEYWORD or (
+      p.name == 'value' and p.kind is not p.POSITIONAL_ONLY)
+             for p in parameters)
 
 
 def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
-                   opt_state: Any) -> tuple[Any, Any, Any, Any]:
+                   opt_state: Any,
+                   extra_args: Mapping[str, Any] | None = None,
+                   ) -> tuple[Any, Any, Any, Any]:
   """One optimizer step over ``inp.batch``: ``(value, updates, opt_state,
   state)``, with ``state`` the threaded state after the last micro-batch.
 
   With an ``accumulate`` ``tx`` its accumulator is the loop's carry and its
-  inner optimizer runs once, after the loop; with a plain optimizer the mean
+  inner optimizer runs once, after the loop, with ``value=`` the batch's loss
+  when it takes it, and ``extra_args``; with a plain optimizer the mean
   gradient is formed in a fresh accumulator and ``tx.update`` applied once.
   """
   if not isinstance(tx, _accumulate.AccumulateTransformation):
@@ -275,14 +320,24 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
         f'{type(opt_state).__name__}.'
     )
   tx.config.check_state(opt_state, inp.params, 'value_and_update')
+  if loop.should_skip_update_fn is not None:
+    inp = inp._replace(gradient_step=opt_state.step,
+                       skip_state=opt_state.skip_state)
   result = run(loop, inp, opt_state.acc)
   sums = result.sums
   summed = _nonfinite.count_bad(
       opt_state._replace(acc=sums.grads, weight=opt_state.weight + sums.weight),
       sums.bad)
+  if loop.should_skip_update_fn is not None:
+    summed = summed._replace(skip_state=result.skip_state)
+  value = sums.finish(result.shapes, loop.has_aux)
+  inner_args = {}
+  if takes_value(tx.config.inner.update):
+    inner_args['value'] = value[0] if loop.has_aux else value
+  inner_args.update(extra_args or {})
   # With unit weights, all micro-batches real and nothing skipped, the
   # window's weight is >= k > 0: no empty-window guard (it costs memory).
   guard = loop.screened or inp.num_real is not None
   updates, opt_state = tx.config.finish_window(
-      summed, result.shapes.grads, inp.params, {}, guard=guard)
-  return sums.finish(result.shapes, loop.has_aux), updates, opt_state, result.state
+      summed, result.shapes.grads, inp.params, inner_args, guard=guard)
+  return value, updates, opt_state, result.state
