@@ -476,14 +476,15 @@ def test_errors():
 # On a mesh (8 CPU devices, in a subprocess).
 
 MESH_SCRIPT = textwrap.dedent('''
-    import jax, jax.numpy as jnp, numpy as np, optax
+    import jax, numpy as np, optax
+    import jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     import accum_jax
 
     mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
     kw, kx, ky = jax.random.split(jax.random.key(0), 3)
-    params = {'w': jax.random.normal(kw, (4, 5)) * 0.5}
-    x = jax.random.normal(kx, (32, 4)) * 2.0
+    params = {'w': jax.random.normal(kw, (8, 5)) * 0.5}
+    x = jax.random.normal(kx, (32, 8)) * 2.0
     y = jax.random.randint(ky, (32,), 0, 5)
 
     def loss_fn(p, x, y):
@@ -508,6 +509,21 @@ MESH_SCRIPT = textwrap.dedent('''
       np.testing.assert_allclose(grads['w'], want['w'], rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-6)
       assert logits.sharding.spec[0] == 'data', logits.sharding
+      # FSDP parameters: gathered once per step, clipped per example
+      fsdp = jax.device_put(params, NamedSharding(mesh, P('data')))
+      h = accum_jax.value_and_grad(loss_fn, 2, has_aux=True,
+                                   batch_argnums=(1, 2), per_example_fn=clip,
+                                   fsdp_reduce='per_step')
+      (_, _), grads = jax.jit(h)(fsdp, xs, ys)
+      np.testing.assert_allclose(grads['w'], want['w'], rtol=1e-5, atol=1e-6)
+      h = accum_jax.value_and_grad(loss_fn, 2, has_aux=True,
+                                   batch_argnums=(1, 2), per_example_fn=clip)
+      try:
+        jax.jit(h)(fsdp, xs, ys)
+      except ValueError as e:
+        assert "needs fsdp_reduce='per_step'" in str(e), e
+      else:
+        raise AssertionError('no error for per_microbatch FSDP')
       xt = jax.device_put(x.T, NamedSharding(mesh, P(None, 'data')))
       g = accum_jax.value_and_grad(lambda p, x, y: loss_fn(p, x.T, y)[0], 2,
                                    batch_argnums=(1, 2), in_axes=(1, 0))
@@ -531,3 +547,15 @@ def test_on_a_mesh_per_example_and_concat_aux_and_axis_error():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert proc.stdout.strip().endswith('ok')
+
+
+def test_docs_examples_run():
+  """The code blocks of docs/microbatching.md, run in order."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, 'docs', 'microbatching.md')) as f:
+    text = f.read()
+  blocks = [b.split('```', 1)[0] for b in text.split('```python\n')[1:]]
+  assert len(blocks) == 4
+  scope = {}
+  for block in blocks:
+    exec(compile(block, 'docs/microbatching.md', 'exec'), scope)  # noqa: S102
