@@ -194,6 +194,9 @@ def call_inputs(loop: Loop, params, args, kwargs, state=None) -> Inputs:
   if NUM_REAL_KWARG in kwargs:
     kwargs = dict(kwargs)
     num_real = check_num_real(kwargs.pop(NUM_REAL_KWARG), loop.num_microbatches)
+  if loop.batch_args.single and not args and 'batch' in kwargs:
+    kwargs = dict(kwargs)  # f(params, batch=...), as the drivers always took
+    args = (kwargs.pop('batch'),)
   batch, args, kwargs = loop.batch_args.pick(tuple(args), kwargs)
   return Inputs(params, batch, tuple(args), kwargs, num_real, state)
 

@@ -138,6 +138,20 @@ def test_single_batch_argument_on_axis_one():
   _close(grads, ref_grads)
 
 
+def test_default_split_unchanged_and_batch_keyword_still_taken():
+  params = _params()
+  x, y = _data()
+  batch = {'x': x.swapaxes(0, 1), 'y': y}
+
+  def loss_fn(params, batch):
+    return loss_only(params, batch['x'].swapaxes(0, 1), batch['y'])
+
+  ref = jax.value_and_grad(loss_fn)(params, batch)
+  f = accum_jax.value_and_grad(loss_fn, 4)
+  _close(f(params, batch), ref)
+  _close(f(params, batch=batch), ref)
+
+
 def test_weight_fn_gets_every_batched_argument():
   params = _params()
   x, y = _data()
