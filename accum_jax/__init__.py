@@ -22,7 +22,7 @@ from accum_jax._planner import (
   plan_microbatches,
 )
 from accum_jax._scan import value_and_grad, value_and_update
-from accum_jax._split import split_batch
+from accum_jax._split import concat_microbatches, split_batch
 
 __version__ = '0.1.0'
 
@@ -56,6 +56,7 @@ __all__ = (
     'PlanCandidate',
     'accumulate',
     'compiled_memory',
+    'concat_microbatches',
     'filter_value_and_grad',
     'filter_value_and_update',
     'flush',

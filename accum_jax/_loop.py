@@ -1,9 +1,9 @@
 """The micro-batch loop: one ``lax.scan`` over the micro-batches of a batch.
 
 A :class:`Loop` is the frozen description of one loop (what to
-differentiate, ``k``, weighting, accumulator dtype, non-finite policy,
-remat, unrolling, stacked aux, threaded state, and where to split it over a
-mesh),
+differentiate, which arguments hold the batch, ``k``, weighting,
+accumulator dtype, non-finite policy, remat, unrolling, per-example
+transform, aux mode, threaded state, and where to split it over a mesh),
 built once by each public driver. :func:`scan` runs it on the rows this
 device holds. The carry is built from ``jax.eval_shape``, never by running
 a micro-batch outside the loop, and each micro-batch is differentiated inside
@@ -36,7 +36,8 @@ class Loop:
   Attributes:
     loss_fn: ``loss_fn(params, microbatch, *args, **kwargs)``; with
       ``has_state``, ``loss_fn(params, microbatch, state, *args, **kwargs)``
-      returning ``(out, new_state)``.
+      returning ``(out, new_state)``. With ``batch_args``, the micro-batch
+      goes in the batched arguments' places instead.
     num_microbatches: ``k``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     weight_fn: ``weight_fn(microbatch) -> scalar`` weight, or None (weight 1).
@@ -57,6 +58,10 @@ class Loop:
     should_skip_update_fn: ``fn(grads, gradient_step, params) ->
       (should_skip, info)`` asked for every micro-batch (``Inputs`` then
       carries the gradient step and the previous info), or None.
+    batch_args: which arguments hold the batch, and their batch axes.
+    per_example_fn: applied to each example's gradient inside a micro-batch
+      (per-example gradients by ``jax.vmap``), or None.
+    concat_aux: return every row's aux in the batch's row order.
   """
 
   loss_fn: Callable[..., Any]
@@ -74,11 +79,34 @@ class Loop:
   fsdp_reduce: str = 'per_microbatch'
   unroll: int | bool = 1
   should_skip_update_fn: Callable[..., Any] | None = None
+  batch_args: _split.BatchArgs = _split.BatchArgs()
+  per_example_fn: Callable[[Any], Any] | None = None
+  concat_aux: bool = False
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
     object.__setattr__(self, 'remat', remat_policy(self.remat))
     object.__setattr__(self, 'unroll', check_unroll(self.unroll))
+    if self.stack_aux and self.concat_aux:
+      raise ValueError('stack_aux=True and concat_aux=True exclude each other:'
+                       ' pick one way to return the aux.')
+    if self.concat_aux and not self.has_aux:
+      raise ValueError('concat_aux=True returns the aux of every row; it needs'
+                       ' has_aux=True.')
+    if self.per_example_fn is not None and not callable(self.per_example_fn):
+      raise TypeError('per_example_fn must be a function of one example\'s '
+                      f'gradient, got {self.per_example_fn!r}.')
+    if self.has_state and (self.per_example_fn is not None
+                           or not self.batch_args.single):
+      raise ValueError('A threaded state needs the batch as the argument after'
+                       ' params, and no per-example transform.')
+
+  @property
+  def aux_axis(self) -> int:
+    """The row axis of per-row aux: the batch axis, when every batched
+    argument has the same one; else 0."""
+    axes = set(self.batch_args.axes)
+    return axes.pop() if len(axes) == 1 else 0
 
   @property
   def screened(self) -> bool:
@@ -154,8 +182,11 @@ class Inputs(NamedTuple):
 
   Attributes:
     params: differentiated.
-    batch: split into micro-batches along its leading axis.
-    args: passed to every micro-batch.
+    batch: split into micro-batches along its batch axis: the argument after
+      params, or with several batched arguments (``Loop.batch_args``) a tuple
+      of them.
+    args: passed to every micro-batch (with several batched arguments, all
+      positional arguments after params, the batched ones as None).
     kwargs: passed to every micro-batch (``rng`` folded per micro-batch).
     num_real: traced int32 count of real micro-batches, or None (all).
     state: the threaded state (``Loop.has_state``), else None.
@@ -188,10 +219,19 @@ class Result(NamedTuple):
 def inputs(loop: Loop, params, batch, args, kwargs, state=None) -> Inputs:
   """A call's :class:`Inputs`, with ``num_real_microbatches`` taken out of
   ``kwargs``."""
+  return call_inputs(loop, params, (batch, *args), kwargs, state)
+
+
+def call_inputs(loop: Loop, params, args, kwargs, state=None) -> Inputs:
+  """:func:`inputs` from all of ``loss_fn``'s arguments after params."""
   num_real = None
   if NUM_REAL_KWARG in kwargs:
     kwargs = dict(kwargs)
     num_real = check_num_real(kwargs.pop(NUM_REAL_KWARG), loop.num_microbatches)
+  if loop.batch_args.single and not args and 'batch' in kwargs:
+    kwargs = dict(kwargs)  # f(params, batch=...), as the drivers always took
+    args = (kwargs.pop('batch'),)
+  batch, args, kwargs = loop.batch_args.pick(tuple(args), kwargs)
   return Inputs(params, batch, tuple(args), kwargs, num_real, state)
 
 
@@ -280,13 +320,16 @@ def _grad_fn(loop: Loop, prescale: bool):
   where ``grads`` is the gradient of ``weight * value`` when ``prescale``."""
 
   def loss(params, microbatch, args, kwargs):
+    args, kwargs = loop.batch_args.put(microbatch, args, kwargs)
     value, aux, new_state = _split_out(
-        loop, loop.loss_fn(params, microbatch, *args, **kwargs))
+        loop, loop.loss_fn(params, *args, **kwargs))
     return value, (aux, new_state)
 
   if loop.remat is not None and loop.remat is not False:
     policy = None if loop.remat is True else loop.remat
     loss = jax.checkpoint(loss, policy=policy, static_argnums=())
+  if loop.per_example_fn is not None:
+    return _per_example(loop, jax.value_and_grad(loss, has_aux=True))
   if prescale:
     def weighted(params, microbatch, args, kwargs, weight):
       value, aux = loss(params, microbatch, args, kwargs)
@@ -304,10 +347,64 @@ def _grad_fn(loop: Loop, prescale: bool):
       params, microbatch, args, kwargs)
 
 
+def _reduce_rows(x):
+  """One micro-batch's aux from its examples' (leading axis): floating
+  leaves averaged, integer leaves summed, boolean leaves OR-ed."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.mean(x.astype(_sums.sum_dtype(x.dtype)), 0).astype(x.dtype)
+  if x.dtype == jnp.bool_:
+    return jnp.any(x, 0)
+  return jnp.sum(x, 0, dtype=x.dtype)
+
+
+def _per_example(loop: Loop, grad):
+  """The micro-batch step of ``per_example_fn``: each example's gradient (a
+  batch of one row, by ``jax.vmap``), transformed, then averaged; the loss
+  is the examples' mean, the aux reduced over them (or kept per row)."""
+  axes = loop.batch_args.tree_axes
+
+  def one_row(params, row, index, args, kwargs):
+    row = _split.map_axes(jnp.expand_dims, axes, row)
+    (value, (aux, _)), grads = grad(params, row, args, fold_rng(kwargs, index))
+    out = loop.per_example_fn(grads)
+    if jax.tree.structure(out) != jax.tree.structure(grads) or any(
+        np.shape(o) != np.shape(g) for o, g in
+        zip(jax.tree.leaves(out), jax.tree.leaves(grads))):
+      raise ValueError(
+          'per_example_fn must return a gradient like the one it is given '
+          f'(structure {jax.tree.structure(grads)}, shapes '
+          f'{[np.shape(g) for g in jax.tree.leaves(grads)]}); got structure '
+          f'{jax.tree.structure(out)}, shapes '
+          f'{[np.shape(o) for o in jax.tree.leaves(out)]}.'
+      )
+    return value, aux, out
+
+  def step(params, microbatch, args, kwargs, weight):
+    del weight  # applied after the transform, which need not be linear
+    rows = _split.batch_size(microbatch, 1, axes)
+    values, aux, grads = jax.vmap(
+        one_row, in_axes=(None, axes, 0, None, None))(
+            params, microbatch, jnp.arange(rows, dtype=jnp.int32), args,
+            kwargs)
+    if loop.concat_aux:
+      # Each example's aux has one row along aux_axis: the rows in order.
+      aux = jax.tree.map(
+          lambda a: jnp.squeeze(jnp.moveaxis(a, 0, loop.aux_axis % (a.ndim - 1)),
+                                loop.aux_axis % (a.ndim - 1) + 1), aux)
+    elif aux is not None:
+      aux = jax.tree.map(_reduce_rows, aux)
+    return (_reduce_rows(values), (aux, None)), jax.tree.map(_reduce_rows,
+                                                             grads)
+
+  return step
+
+
 def _weight(loop: Loop, microbatch) -> jax.Array:
   if loop.weight_fn is None:
     return jnp.ones([], jnp.float32)
-  weight = _checks.check_weight(loop.weight_fn(microbatch),
+  args, kwargs = loop.batch_args.weight_args(microbatch)
+  weight = _checks.check_weight(loop.weight_fn(*args, **kwargs),
                                 from_weight_fn=True)
   # Clamped here, before it seeds the backward pass: a traced negative
   # weight counts as 0.
@@ -324,10 +421,11 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   """
   k = loop.num_microbatches
   _checks.check_floating(inp.params, 'Params')
-  reshaped = _split.reshape_batch(inp.batch, k)
+  axes = loop.batch_args.tree_axes
+  reshaped = _split.reshape_batch(inp.batch, k, axes)
 
   def one(index, state, prescale):
-    microbatch = _split.take_microbatch(reshaped, index)
+    microbatch = _split.take_microbatch(reshaped, index, axes)
     extra = (state,) if loop.has_state else ()
     weight = _weight(loop, microbatch)
     (value, (aux, new_state)), grads = _grad_fn(loop, prescale)(
@@ -343,19 +441,27 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   _checks.check_floating(grads_like, 'Gradient')
   if loop.has_state:
     _check_state(new_state_like, inp.state)
+  if loop.concat_aux:
+    _check_rows(aux_like, _split.batch_size(inp.batch, k, axes) // k,
+                loop.aux_axis)
   # Differentiating weight * loss seeds the backward pass with the weight, so
   # the gradient adds straight into the carry; scaling it afterwards kept a
   # scatter gradient (an embedding's) in a buffer of its own (+3% on an LM).
-  # Not for a bf16/fp16 loss, whose seed would round the weight.
-  # Not with a skip predicate either: it must see the unweighted gradient.
+  # Not for a bf16/fp16 loss, whose seed would round the weight, nor under a
+  # per-example transform, which need not be linear, nor with a skip
+  # predicate, which must see the unweighted gradient.
   prescale = loop.prescale or (loop.weight_fn is not None
+                               and loop.per_example_fn is None
                                and loop.should_skip_update_fn is None
                                and jnp.finfo(value_like.dtype).bits >= 32)
   sums0 = _sums.Sums.zeros(
       shapes, loop.accumulator_dtype,
-      reduce_aux=loop.has_aux and not loop.stack_aux,
+      reduce_aux=loop.has_aux and not (loop.stack_aux or loop.concat_aux),
       count_bad=loop.nonfinite != 'propagate',
       grads=start)
+  if loop.concat_aux:
+    sums0 = sums0._replace(aux_rows=_sums.rows_zeros(aux_like, k,
+                                                     loop.aux_axis))
   num_real = inp.num_real
 
   def step(carry, index):
@@ -378,6 +484,10 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
       if loop.has_state and dropped is not None:  # a dropped micro-batch
         new_state = jax.tree.map(lambda old, new: jnp.where(dropped, old, new),
                                  state, new_state)
+    if loop.concat_aux:
+      sums = sums._replace(aux_rows=_sums.rows_add(sums.aux_rows, micro.aux,
+                                                   index, loop.aux_axis))
+      micro = micro._replace(aux=None)
     stacked = (micro.aux, micro.weight) if loop.stack_aux else None
     return (sums.add(micro), new_state, info), stacked
 
@@ -407,7 +517,25 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   if loop.stack_aux:
     aux, weights = stacked
     sums = sums._replace(aux=aux, aux_weights=weights)
+  if loop.concat_aux:
+    sums = sums._replace(aux_rows=_sums.rows_finish(sums.aux_rows,
+                                                    loop.aux_axis))
   return Result(sums, state, shapes, info)
+
+
+def _check_rows(aux_like, rows: int, axis: int):
+  """With ``concat_aux``, every aux leaf has a row per row of the
+  micro-batch along ``axis``."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(aux_like):
+    shape = np.shape(leaf)
+    if not -len(shape) <= axis < len(shape) or shape[axis] != rows:
+      raise ValueError(
+          f'concat_aux=True returns the aux of every row, so every aux leaf '
+          f'needs one entry per row of the micro-batch ({rows} rows) along '
+          f'axis {axis}; aux leaf {jax.tree_util.keystr(path) or "<aux>"} has '
+          f'shape {shape}. Return per-batch values (a mean, a count) from a '
+          'second call, or use stack_aux=True.'
+      )
 
 
 def _check_state(new_like, state):

@@ -9,12 +9,21 @@ the batch the same loop per device, reduced once after it
 """
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from accum_jax import _accumulate, _checks, _loop, _nonfinite, _sharding, _sums
+from accum_jax import (
+  _accumulate,
+  _checks,
+  _loop,
+  _nonfinite,
+  _sharding,
+  _split,
+  _sums,
+)
 
 INNER_EXTRA_ARGS_KWARG = 'inner_extra_args'
 
@@ -23,6 +32,9 @@ def run(loop: _loop.Loop, inp: _loop.Inputs,
         start: Any = None) -> _loop.Result:
   """Runs ``loop`` here, or split over the mesh that shards the batch;
   ``start`` is the gradient sum of a window left part-full."""
+  if any(loop.batch_args.axes):
+    _check_not_split(loop, inp.batch)
+    return _loop.scan(loop, inp, start)
   plan = _sharding.plan(loop.mesh, loop.axis_name, loop.fsdp_reduce,
                         inp.params, inp.batch, loop.num_microbatches)
   if plan is None:
@@ -35,7 +47,42 @@ def run(loop: _loop.Loop, inp: _loop.Inputs,
         "'skip_microbatch' (screened per device share) in-step, or the "
         'predicate cross-step (tx.update on the reduced gradient).'
     )
+  if (loop.per_example_fn is not None and plan.fsdp_reduce == 'per_microbatch'
+      and any(len(s) for s in jax.tree.leaves(plan.param_specs))):
+    raise ValueError(
+        'per_example_fn with parameters sharded over the batch axes '
+        f"{plan.axes} needs fsdp_reduce='per_step': with 'per_microbatch' "
+        'each gradient is reduce-scattered inside the differentiated function,'
+        ' summing different devices\' examples before the transform sees them.'
+    )
   return _sharding.scan(plan, loop, inp, start)
+
+
+def _check_not_split(loop: _loop.Loop, batch: Any) -> None:
+  """A batch axis other than the leading one is split on this device only."""
+  axes = loop.batch_args.tree_axes
+  sharded = []
+
+  def check(x, axis):
+    try:
+      sharding = jax.typeof(x).sharding
+    except (TypeError, AttributeError):
+      return x
+    spec = getattr(sharding, 'spec', None)
+    if spec is not None and len(spec) > axis % jnp.ndim(x) and spec[
+        axis % jnp.ndim(x)] is not None:
+      sharded.append(spec)
+    return x
+
+  _split.map_axes(check, axes, batch)
+  if sharded or loop.mesh is not None or loop.axis_name is not None:
+    raise NotImplementedError(
+        f'in_axes={loop.batch_args.axes}: a batch axis other than the leading '
+        'one is split on one device only, not over a mesh (mesh=, axis_name= '
+        f'or a batch sharded along it{": " + str(sharded[0]) if sharded else ""}'
+        '). Put the batch axis first for the mesh (e.g. jnp.swapaxes in the '
+        'data pipeline) and pass in_axes=0.'
+    )
 
 
 def value_and_grad(
@@ -51,6 +98,11 @@ def value_and_grad(
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
     unroll: int | bool = 1,
+    batch_argnums: int | Sequence[int] | None = None,
+    batch_argnames: str | Sequence[str] = (),
+    in_axes: int | Sequence[int] = 0,
+    per_example_fn: Callable[[Any], Any] | None = None,
+    concat_aux: bool = False,
 ) -> Callable[..., Any]:
   r"""A micro-batched drop-in for ``jax.value_and_grad(loss_fn)``.
 
@@ -65,7 +117,21 @@ def value_and_grad(
     of size ``B``, a multiple of ``k``. Micro-batch ``j`` takes rows ``j, j+k,
     j+2k, ...`` (a strided split), so a batch sharded along its leading axis
     stays sharded with no data movement. ``*args`` and the other keyword
-    arguments are passed unchanged to every micro-batch.
+    arguments are passed unchanged to every micro-batch. As in
+    ``optax.microbatching.microbatch``, ``batch_argnums`` /
+    ``batch_argnames`` name other (or more) batched arguments and
+    ``in_axes`` their batch axes, e.g. ``in_axes=1`` for sequence-first
+    ``(T, B, ...)`` data; each is split the same copy-free way along its
+    axis. ``weight_fn`` then takes the micro-batch of each, positional ones
+    first.
+  * **Per-example transform.** With ``per_example_fn`` (optax
+    ``micro_grad``'s ``transform_fn``), each example's gradient (``loss_fn``
+    on a batch of that one row) is computed by ``jax.vmap`` inside its
+    micro-batch and transformed, e.g. clipped to a norm for DP-SGD; a
+    micro-batch's gradient is the mean of its transformed ones, its loss the
+    mean of its examples' losses, its aux reduced over them like the loss.
+    Only one micro-batch's per-example gradients are in memory. ``rng`` is
+    further folded with the example's index in the micro-batch.
   * **Weighting.** The result is :math:`\sum_j w_j L_j / \sum_j w_j` and its
     gradient, where :math:`L_j` is ``loss_fn`` on micro-batch ``j`` and
     :math:`w_j` is ``weight_fn(microbatch_j)`` (default 1). With a mean loss
@@ -77,7 +143,14 @@ def value_and_grad(
   * **Aux.** Floating aux leaves are weighted means like the loss, integer
     leaves are summed (counts), boolean leaves are OR-ed. With
     ``stack_aux=True`` the aux leaves are returned stacked instead, with a
-    leading axis of size ``k``.
+    leading axis of size ``k`` (:func:`concat_microbatches` puts per-row
+    leaves back in row order). With ``concat_aux=True`` every aux leaf holds
+    one entry per row (logits, per-example losses) and is returned for the
+    whole batch in the batch's row order, ``(B, ...)``, written in place in
+    one output buffer (optax's ``AccumulationType.CONCAT``); its row axis is
+    the batch axis (``in_axes``) when all batched arguments share one, else
+    0. Rows of padding micro-batches, or of micro-batches dropped as
+    non-finite, are zeros.
   * **RNG.** A PRNG key (or a pytree of keys) passed as the keyword ``rng=``
     reaches micro-batch ``j`` as ``jax.random.fold_in(rng, j)``, so every
     micro-batch gets its own dropout mask.
@@ -135,6 +208,16 @@ def value_and_grad(
       micro-batches live at once. Worth it on XLA:CPU with convolutions,
       which run many times slower inside a rolled loop than outside one;
       on GPU and TPU leave it at 1. See ``docs/unroll.md``.
+    batch_argnums: the positions of the batched arguments of ``loss_fn``
+      (``params`` is 0); by default the one after ``params``, or none when
+      ``batch_argnames`` are given.
+    batch_argnames: the names of batched keyword arguments.
+    in_axes: the batch axis of each batched argument (an int for all, or one
+      per argument of ``batch_argnums`` then ``batch_argnames``). Axes other
+      than 0 are split on one device; on a mesh the batch axis must lead.
+    per_example_fn: a function of one example's gradient returning a
+      gradient of the same structure and shapes (see above), or None.
+    concat_aux: return every row's aux in row order (see above).
 
   Returns:
     ``f(params, batch, *args, **kwargs)`` returning ``(value, grads)`` or
@@ -151,15 +234,32 @@ def value_and_grad(
     >>> ref_loss, ref_grads = jax.value_and_grad(loss_fn)(w, batch)
     >>> bool(jnp.allclose(loss, ref_loss) and jnp.allclose(grads, ref_grads))
     True
+
+    Sequence-first data split over two arguments, with each example's
+    gradient clipped to norm 1 (DP-SGD without the noise):
+
+    >>> def loss_fn(w, x, y):  # x: (T, B, 2), y: (B,)
+    ...   return jnp.mean((x.sum(0) @ w - y) ** 2)
+    >>> x, y = jnp.ones((3, 8, 2)), jnp.arange(8.0)
+    >>> clip = lambda g: g / jnp.maximum(1.0, jnp.linalg.norm(g))
+    >>> f = accum_jax.value_and_grad(loss_fn, 4, batch_argnums=(1, 2),
+    ...                              in_axes=(1, 0), per_example_fn=clip)
+    >>> loss, grads = f(w, x, y)
+    >>> per_example = jax.vmap(jax.grad(loss_fn), (None, 1, 0))(
+    ...     w, x[:, :, None], y[:, None])
+    >>> bool(jnp.allclose(grads, jax.vmap(clip)(per_example).mean(0)))
+    True
   """
   loop = _loop.Loop(
       loss_fn, _checks.check_num_microbatches(num_microbatches),
       has_aux=has_aux, weight_fn=weight_fn,
       accumulator_dtype=accumulator_dtype, stack_aux=stack_aux, remat=remat,
-      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce, unroll=unroll)
+      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce, unroll=unroll,
+      batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
+      per_example_fn=per_example_fn, concat_aux=concat_aux)
 
-  def f(params, batch, *args, **kwargs):
-    result = run(loop, _loop.inputs(loop, params, batch, args, kwargs))
+  def f(params, *args, **kwargs):
+    result = run(loop, _loop.call_inputs(loop, params, args, kwargs))
     grads = _sums.mean_of(result.sums.grads, result.sums.weight,
                           result.shapes.grads)
     return result.sums.finish(result.shapes, has_aux), grads
@@ -179,6 +279,11 @@ def value_and_update(
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
     unroll: int | bool = 1,
+    batch_argnums: int | Sequence[int] | None = None,
+    batch_argnames: str | Sequence[str] = (),
+    in_axes: int | Sequence[int] = 0,
+    per_example_fn: Callable[[Any], Any] | None = None,
+    concat_aux: bool = False,
 ) -> Callable[..., Any]:
   """One optimizer step over a whole batch, micro-batched in one ``lax.scan``.
 
@@ -190,7 +295,8 @@ def value_and_update(
   count and any schedule advance by exactly one, and ``opt_state`` comes back
   at a window boundary (``count == 0``).
 
-  The split, weighting, aux, RNG, dtype, mesh and ``num_real_microbatches=``
+  The split (and which arguments are batched), per-example transform,
+  weighting, aux, RNG, dtype, mesh and ``num_real_microbatches=``
   rules are those of :func:`value_and_grad`; ``tx``'s ``nonfinite`` policy is
   applied to every micro-batch (its gradient, weight and loss), and so is its
   ``should_skip_update_fn`` (one device only). Call it on a state at a window
@@ -217,10 +323,18 @@ def value_and_update(
     axis_name: as in :func:`value_and_grad`.
     fsdp_reduce: as in :func:`value_and_grad`.
     unroll: as in :func:`value_and_grad`.
+    batch_argnums: as in :func:`value_and_grad` (positions in ``loss_fn``'s
+      arguments).
+    batch_argnames: as in :func:`value_and_grad`.
+    in_axes: as in :func:`value_and_grad`.
+    per_example_fn: as in :func:`value_and_grad`.
+    concat_aux: as in :func:`value_and_grad`.
 
   Returns:
     ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
-    updates, opt_state)``, where ``value`` is ``loss`` or ``(loss, aux)``.
+    updates, opt_state)``, where ``value`` is ``loss`` or ``(loss, aux)``
+    (``f(params, opt_state, *args, **kwargs)``, ``loss_fn``'s arguments
+    after params, with ``batch_argnums``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -248,12 +362,14 @@ def value_and_update(
         'accum_jax.accumulate(optax.inject_hyperparams(...)(...), k) or '
         'accum_jax.accumulate(optax.multi_transform(...), k).'
     )
-  loop = for_transform(tx, loss_fn, 'value_and_update', has_aux=has_aux,
-                       weight_fn=weight_fn, stack_aux=stack_aux, remat=remat,
-                       mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
-                       unroll=unroll)
+  loop = for_transform(
+      tx, loss_fn, 'value_and_update', has_aux=has_aux, weight_fn=weight_fn,
+      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce, unroll=unroll,
+      batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
+      per_example_fn=per_example_fn, concat_aux=concat_aux)
 
-  def f(params, opt_state, batch, *args, **kwargs):
+  def f(params, opt_state, *args, **kwargs):
     extra_args = None
     if INNER_EXTRA_ARGS_KWARG in kwargs:
       kwargs = dict(kwargs)
@@ -264,7 +380,7 @@ def value_and_update(
             f'for the inner optimizer, got {type(extra_args).__name__}.'
         )
     value, updates, opt_state, _ = optimizer_step(
-        loop, tx, _loop.inputs(loop, params, batch, args, kwargs), opt_state,
+        loop, tx, _loop.call_inputs(loop, params, args, kwargs), opt_state,
         extra_args)
     return value, updates, opt_state
 

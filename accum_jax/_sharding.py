@@ -352,7 +352,7 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
     run = jax.shard_map(
         device_fn, mesh=plan_.mesh,
         in_specs=(specs, P(axes), P(), P(), P(), P()),
-        out_specs=(_sums.Sums(specs, P(), P(), P(), P(), P()), P()),
+        out_specs=(_sums.Sums(specs, P(), P(), P(), P(), P(), P(axes)), P()),
         axis_names=frozenset(axes))
   sums, state = run(inp.params, inp.batch, inp.args, inp.kwargs,
                     inp.num_real, inp.state)

@@ -119,6 +119,9 @@ class Sums(NamedTuple):
       ``'propagate'``).
     aux_weights: with stacked aux, each micro-batch's weight (shape ``(k,)``),
       for the mean over devices; else None.
+    aux_rows: with concatenated aux, every row's aux, its batch axis of size
+      ``B // k`` split into ``(B // k, k)`` like the batch's (see
+      :func:`rows_zeros`), this device's rows on a mesh; else None.
   """
 
   grads: Any
@@ -127,6 +130,7 @@ class Sums(NamedTuple):
   aux: Any
   bad: Any
   aux_weights: Any = None
+  aux_rows: Any = None
 
   @classmethod
   def zeros(cls, shapes: Shapes, accumulator_dtype: Any, *, reduce_aux: bool,
@@ -172,6 +176,7 @@ class Sums(NamedTuple):
                                                        micro.aux),
         bad=None if self.bad is None else self.bad + micro.bad,
         aux_weights=self.aux_weights,
+        aux_rows=self.aux_rows,
     )
 
   def reduce(self, axes: tuple[str, ...],
@@ -181,7 +186,7 @@ class Sums(NamedTuple):
     ``reduce_grads`` sums the gradients into their own sharding (a ``psum``,
     or a ``psum_scatter`` for sharded parameters). Stacked aux becomes the
     per-micro-batch weighted mean over the devices (``aux_weights`` then
-    the weights summed over the devices).
+    the weights summed over the devices); per-row aux stays with its rows.
     """
     aux, total = self.aux, None
     if self.aux_weights is not None:
@@ -201,6 +206,7 @@ class Sums(NamedTuple):
         aux=aux,
         bad=None if self.bad is None else _psum(self.bad, axes),
         aux_weights=total,
+        aux_rows=self.aux_rows,
     )
 
   def scaled(self, factor: float) -> 'Sums':
@@ -228,6 +234,8 @@ class Sums(NamedTuple):
     value = self.value.astype(shapes.value.dtype)
     if not has_aux:
       return value
+    if self.aux_rows is not None:
+      return value, self.aux_rows
     if self.aux_weights is not None or self.aux is None:
       return value, self.aux
 
@@ -237,3 +245,40 @@ class Sums(NamedTuple):
       return c
 
     return value, jax.tree.map(finish_aux, self.aux, shapes.aux)
+
+
+def rows_zeros(aux_like: Any, num_microbatches: int, axis: int) -> Any:
+  """The per-row aux buffer: each leaf of one micro-batch's aux, whose axis
+  ``axis`` has a row per row of the micro-batch, with that axis split into
+  ``(rows, k)``. Micro-batch ``j`` fills index ``j`` of the ``k`` axis, so
+  that :func:`rows_finish` puts the rows back in the batch's order with a
+  free reshape."""
+
+  def zeros(a):
+    ax = axis % len(a.shape)
+    shape = (*a.shape[:ax + 1], num_microbatches, *a.shape[ax + 1:])
+    return jnp.zeros(shape, a.dtype)
+
+  return jax.tree.map(zeros, aux_like)
+
+
+def rows_add(rows: Any, aux: Any, index: jax.Array, axis: int) -> Any:
+  """``rows`` with micro-batch ``index``'s aux written in place."""
+
+  def put(buf, a):
+    ax = axis % jnp.ndim(a)
+    return jax.lax.dynamic_update_index_in_dim(
+        buf, jnp.asarray(a, buf.dtype), index, ax + 1)
+
+  return jax.tree.map(put, rows, aux)
+
+
+def rows_finish(rows: Any, axis: int) -> Any:
+  """The buffer of :func:`rows_zeros` as ``(..., B, ...)`` in row order."""
+
+  def merge(buf):
+    ax = axis % (buf.ndim - 1)
+    return buf.reshape(*buf.shape[:ax], buf.shape[ax] * buf.shape[ax + 1],
+                       *buf.shape[ax + 2:])
+
+  return jax.tree.map(merge, rows)
