@@ -13,6 +13,11 @@ from accum_jax._accumulate import (
   accumulate,
   flush,
 )
+from accum_jax._noise import (
+  NoiseScale,
+  adaptive_num_microbatches,
+  noise_scale,
+)
 from accum_jax._planner import (
   CompiledMemory,
   MemoryPlan,
@@ -52,14 +57,17 @@ __all__ = (
     'AccumulateTransformation',
     'CompiledMemory',
     'MemoryPlan',
+    'NoiseScale',
     'PlanCandidate',
     'accumulate',
+    'adaptive_num_microbatches',
     'compiled_memory',
     'filter_value_and_grad',
     'filter_value_and_update',
     'flush',
     'linen_train_step',
     'nnx_train_step',
+    'noise_scale',
     'plan_microbatches',
     'split_batch',
     'value_and_grad',

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from accum_jax import _checks, _nonfinite
+from accum_jax import _checks, _noise, _nonfinite
 from accum_jax._sums import Micro, acc_dtype, add_weighted, mean_of
 
 
@@ -37,6 +37,9 @@ class AccumulateState(NamedTuple):
       because of non-finite values.
     window_nonfinite: bool scalar, whether the current window has seen a
       non-finite micro-batch.
+    noise: with ``track_noise_scale=True``, the gradient noise scale
+      estimator's scalars (read them with :func:`accum_jax.noise_scale`);
+      else None.
 
   It holds arrays only, so every serializer (pickle, orbax,
   ``flax.serialization``) takes it as it is; how it is used (``k``, the
@@ -51,6 +54,7 @@ class AccumulateState(NamedTuple):
   skipped_microbatches: jax.Array
   skipped_steps: jax.Array
   window_nonfinite: jax.Array
+  noise: Any = None
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
@@ -114,12 +118,16 @@ class AccumulateConfig:
     num_microbatches: ``k`` (an int >= 1), or a schedule of the window count.
     accumulator_dtype: the requested accumulator dtype, or None.
     nonfinite: the non-finite policy.
+    track_noise_scale: whether the state estimates the gradient noise scale.
+    noise_scale_decay: the decay of its EMAs over windows.
   """
 
   inner: optax.GradientTransformationExtraArgs
   num_microbatches: int | Callable[[jax.Array], Any]
   accumulator_dtype: jnp.dtype | None
   nonfinite: str
+  track_noise_scale: bool = False
+  noise_scale_decay: float = 0.99
 
   def static_num_microbatches(self, who: str) -> int:
     """``k`` for a driver that needs a static window length."""
@@ -160,6 +168,13 @@ class AccumulateConfig:
       )
     if params is not None:
       _checks.check_same_structure(params, state.acc, 'params', 'accumulator')
+    if (state.noise is not None) != self.track_noise_scale:
+      raise ValueError(
+          f'The AccumulateState {"has" if state.noise is not None else "lacks"}'
+          ' the noise scale estimator but this accumulate was built with '
+          f'track_noise_scale={self.track_noise_scale}. Create the state with '
+          'this transform\'s init.'
+      )
     for path, acc, like in _acc_leaves(state.acc, params):
       want = acc_dtype(jnp.result_type(like), self.accumulator_dtype)
       if jnp.result_type(acc) != want:
@@ -201,6 +216,8 @@ class AccumulateConfig:
         skipped_microbatches=jnp.zeros([], jnp.int32),
         skipped_steps=jnp.zeros([], jnp.int32),
         window_nonfinite=jnp.zeros([], jnp.bool_),
+        noise=(_noise.NoiseScaleState.zeros() if self.track_noise_scale
+               else None),
     )
 
   def update(self, grads: optax.Updates, state: 'AccumulateState',
@@ -222,9 +239,13 @@ class AccumulateConfig:
     else:
       grads_in = grads
     acc = add_weighted(state.acc, grads_in, w)
+    noise = state.noise
+    if noise is not None:  # a micro-batch counts its weight, else 1
+      noise = noise._replace(window=noise.window + _noise.piece(
+          grads_in, w, w, prescaled=False))
     summed = _nonfinite.count_bad(
         state._replace(count=state.count + 1, acc=acc,
-                       weight=state.weight + w), bad)
+                       weight=state.weight + w, noise=noise), bad)
     ends = summed.count >= self.window_length(summed.step)
     if end_window is not None:
       if np.ndim(end_window) != 0:
@@ -277,8 +298,9 @@ class AccumulateConfig:
     if not guard:
       updates, inner_state = self.inner.update(
           cast_like(mean, grads_like), state.inner_state, params, **extra_args)
-      return updates, reset(state, cast_like(inner_state, state.inner_state),
-                            updates)
+      return updates, reset(
+          self.end_noise(state, mean, jnp.ones([], jnp.bool_)),
+          cast_like(inner_state, state.inner_state), updates)
     # Memory: XLA gives a cond's output a buffer of its own unless a branch
     # passes an operand through, and never writes a branch's operand in
     # place. So the mean is taken before the cond (in the donated
@@ -311,6 +333,7 @@ class AccumulateConfig:
           through), inner_state
 
     ok = _nonfinite.window_ok(self.nonfinite, state)
+    state = self.end_noise(state, mean, ok)
     out, inner_state = jax.lax.cond(ok, apply, skip,
                                     (mean, state.inner_state))
     updates = jax.tree.map(
@@ -318,6 +341,15 @@ class AccumulateConfig:
         like)
     return updates, reset(state, inner_state, updates,
                           skipped_step=state.window_nonfinite & ~ok)
+
+  def end_noise(self, state: 'AccumulateState', mean: Any,
+                ok: jax.Array) -> 'AccumulateState':
+    """The state with the window's noise scale estimates taken in (the
+    squared norm of its ``mean``) and the window's tally reset."""
+    if state.noise is None:
+      return state
+    return state._replace(noise=_noise.end_window(
+        state.noise, mean, ok, self.noise_scale_decay))
 
 
 def cast_like(tree: Any, like: Any) -> Any:
@@ -409,6 +441,8 @@ def accumulate(
     *,
     accumulator_dtype: Any | None = jnp.float32,
     nonfinite: str = 'propagate',
+    track_noise_scale: bool = False,
+    noise_scale_decay: float = 0.99,
 ) -> AccumulateTransformation:
   r"""Accumulates gradients over ``k`` micro-steps, then applies ``inner`` once.
 
@@ -471,6 +505,12 @@ def accumulate(
       accumulates in the gradients' own dtype.
     nonfinite: ``'propagate'`` (default), ``'skip_microbatch'`` or
       ``'skip_step'``, see above.
+    track_noise_scale: estimate the gradient noise scale from each window's
+      micro-batch gradients (a few scalars in the state, no parameter-sized
+      buffer); read it with :func:`accum_jax.noise_scale`. See
+      ``docs/noise_scale.md``.
+    noise_scale_decay: the decay in ``[0, 1)`` of the estimator's EMAs over
+      windows (bias-corrected).
 
   Returns:
     An :class:`AccumulateTransformation` (an
@@ -502,8 +542,13 @@ def accumulate(
         'accumulate expects an optax.GradientTransformation as inner, got '
         f'{type(inner).__name__}.'
     )
+  if not isinstance(track_noise_scale, bool):
+    raise TypeError(
+        f'track_noise_scale must be a bool, got {track_noise_scale!r}.')
   config = AccumulateConfig(optax.with_extra_args_support(inner),
-                            num_microbatches, accumulator_dtype, nonfinite)
+                            num_microbatches, accumulator_dtype, nonfinite,
+                            track_noise_scale,
+                            _noise.check_decay(noise_scale_decay))
   return AccumulateTransformation(config.init, config.update)
 
 

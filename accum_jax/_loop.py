@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accum_jax import _checks, _nonfinite, _split, _sums, _varying
+from accum_jax import _checks, _noise, _nonfinite, _split, _sums, _varying
 
 RNG_KWARG = 'rng'
 NUM_REAL_KWARG = 'num_real_microbatches'
@@ -51,6 +51,8 @@ class Loop:
     mesh: the mesh to split the loop over (None: from the context or batch).
     axis_name: the batch axes (None: read from the batch's sharding).
     fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``.
+    track_noise_scale: add each micro-batch gradient's squared norm to the
+      sums (the noise scale estimator's tally).
   """
 
   loss_fn: Callable[..., Any]
@@ -66,6 +68,7 @@ class Loop:
   mesh: Any = None
   axis_name: Any = None
   fsdp_reduce: str = 'per_microbatch'
+  track_noise_scale: bool = False
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
@@ -318,8 +321,11 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
       shapes, loop.accumulator_dtype,
       reduce_aux=loop.has_aux and not loop.stack_aux,
       count_bad=loop.nonfinite != 'propagate',
-      grads=start)
+      grads=start,
+      noise=_noise.Tally.zeros() if loop.track_noise_scale else None)
   num_real = inp.num_real
+  # A micro-batch's size for the noise scale: its weight, else its rows.
+  rows = _split.batch_size(inp.batch, k) // k
 
   def step(carry, index):
     """Adds micro-batch ``index`` (a real one) to the sums."""
@@ -335,6 +341,13 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
         new_state = jax.tree.map(
             lambda old, new: jnp.where(micro.bad > 0, old, new), state,
             new_state)
+    if loop.track_noise_scale:
+      # The squared norm of the gradient as it exists here, before it is
+      # added into the carry: no second pass, no buffer of its own.
+      micro = micro._replace(noise=_noise.piece(
+          micro.grads, micro.weight,
+          micro.weight if loop.weight_fn is not None else rows,
+          prescaled=prescale))
     stacked = (micro.aux, micro.weight) if loop.stack_aux else None
     return (sums.add(micro), new_state), stacked
 

@@ -237,7 +237,8 @@ def for_transform(tx: _accumulate.AccumulateTransformation,
   config = tx.config
   return _loop.Loop(loss_fn, config.static_num_microbatches(who),
                     accumulator_dtype=config.accumulator_dtype,
-                    nonfinite=config.nonfinite, **options)
+                    nonfinite=config.nonfinite,
+                    track_noise_scale=config.track_noise_scale, **options)
 
 
 def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
@@ -264,8 +265,12 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   tx.config.check_state(opt_state, inp.params, 'value_and_update')
   result = run(loop, inp, opt_state.acc)
   sums = result.sums
+  noise = opt_state.noise
+  if sums.noise is not None:
+    noise = noise._replace(window=noise.window + sums.noise)
   summed = _nonfinite.count_bad(
-      opt_state._replace(acc=sums.grads, weight=opt_state.weight + sums.weight),
+      opt_state._replace(acc=sums.grads, weight=opt_state.weight + sums.weight,
+                         noise=noise),
       sums.bad)
   # With unit weights, all micro-batches real and nothing skipped, the
   # window's weight is >= k > 0: no empty-window guard (it costs memory).

@@ -37,6 +37,7 @@ class Micro(NamedTuple):
       ``'propagate'``).
     grad_scale: what the gradient is added with: None for its weight, else a
       float32 scalar (1 for a gradient that already carries its weight).
+    noise: its noise scale ``Tally`` (its gradient's squared norm), or None.
   """
 
   value: Any
@@ -45,6 +46,7 @@ class Micro(NamedTuple):
   weight: jax.Array
   bad: Any
   grad_scale: jax.Array
+  noise: Any = None
 
 
 def sum_dtype(dtype) -> jnp.dtype:
@@ -119,6 +121,7 @@ class Sums(NamedTuple):
       ``'propagate'``).
     aux_weights: with stacked aux, each micro-batch's weight (shape ``(k,)``),
       for the mean over devices; else None.
+    noise: the noise scale ``Tally`` of the micro-batches (scalars), or None.
   """
 
   grads: Any
@@ -127,13 +130,15 @@ class Sums(NamedTuple):
   aux: Any
   bad: Any
   aux_weights: Any = None
+  noise: Any = None
 
   @classmethod
   def zeros(cls, shapes: Shapes, accumulator_dtype: Any, *, reduce_aux: bool,
-            count_bad: bool, grads: Any = None) -> 'Sums':
+            count_bad: bool, grads: Any = None, noise: Any = None) -> 'Sums':
     """Empty sums for micro-batches of ``shapes``; the gradient sum starts
     from ``grads`` when given (a window left part-full, whose buffer then
-    serves as the loop's carry)."""
+    serves as the loop's carry); ``noise`` is an empty noise scale tally, or
+    None."""
     if grads is None:
       grads = jax.tree.map(
           lambda g: jnp.zeros(g.shape, acc_dtype(g.dtype, accumulator_dtype)),
@@ -144,7 +149,8 @@ class Sums(NamedTuple):
                          shapes.aux)
     bad = jnp.zeros([], jnp.int32) if count_bad else None
     return cls(grads, jnp.zeros([], jnp.float32),
-               jnp.zeros([], sum_dtype(shapes.value.dtype)), aux, bad)
+               jnp.zeros([], sum_dtype(shapes.value.dtype)), aux, bad,
+               noise=noise)
 
   def add(self, micro: Micro) -> 'Sums':
     """The sums with one more micro-batch."""
@@ -172,6 +178,7 @@ class Sums(NamedTuple):
                                                        micro.aux),
         bad=None if self.bad is None else self.bad + micro.bad,
         aux_weights=self.aux_weights,
+        noise=None if self.noise is None else self.noise + micro.noise,
     )
 
   def reduce(self, axes: tuple[str, ...],
@@ -201,6 +208,9 @@ class Sums(NamedTuple):
         aux=aux,
         bad=None if self.bad is None else _psum(self.bad, axes),
         aux_weights=total,
+        # Per-device scalars: they join the step's one reduction.
+        noise=None if self.noise is None else jax.tree.map(
+            lambda x: _psum(x, axes), self.noise),
     )
 
   def scaled(self, factor: float) -> 'Sums':
