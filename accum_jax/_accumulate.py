@@ -39,7 +39,7 @@ class AccumulateState(NamedTuple):
       non-finite micro-batch.
     noise: with ``track_noise_scale=True``, the gradient noise scale
       estimator's scalars (read them with :func:`accum_jax.noise_scale`);
-      else None.
+      else ``()`` (an empty node, so the state stays arrays only).
 
   It holds arrays only, so every serializer (pickle, orbax,
   ``flax.serialization``) takes it as it is; how it is used (``k``, the
@@ -54,7 +54,7 @@ class AccumulateState(NamedTuple):
   skipped_microbatches: jax.Array
   skipped_steps: jax.Array
   window_nonfinite: jax.Array
-  noise: Any = None
+  noise: Any = ()
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
@@ -168,9 +168,10 @@ class AccumulateConfig:
       )
     if params is not None:
       _checks.check_same_structure(params, state.acc, 'params', 'accumulator')
-    if (state.noise is not None) != self.track_noise_scale:
+    tracked = _noise.tracked(state.noise)
+    if tracked != self.track_noise_scale:
       raise ValueError(
-          f'The AccumulateState {"has" if state.noise is not None else "lacks"}'
+          f'The AccumulateState {"has" if tracked else "lacks"}'
           ' the noise scale estimator but this accumulate was built with '
           f'track_noise_scale={self.track_noise_scale}. Create the state with '
           'this transform\'s init.'
@@ -217,7 +218,7 @@ class AccumulateConfig:
         skipped_steps=jnp.zeros([], jnp.int32),
         window_nonfinite=jnp.zeros([], jnp.bool_),
         noise=(_noise.NoiseScaleState.zeros() if self.track_noise_scale
-               else None),
+               else ()),
     )
 
   def update(self, grads: optax.Updates, state: 'AccumulateState',
@@ -240,7 +241,7 @@ class AccumulateConfig:
       grads_in = grads
     acc = add_weighted(state.acc, grads_in, w)
     noise = state.noise
-    if noise is not None:  # a micro-batch counts its weight, else 1
+    if _noise.tracked(noise):  # a micro-batch counts its weight, else 1
       noise = noise._replace(window=noise.window + _noise.piece(
           grads_in, w, w, prescaled=False))
     summed = _nonfinite.count_bad(
@@ -346,7 +347,7 @@ class AccumulateConfig:
                 ok: jax.Array) -> 'AccumulateState':
     """The state with the window's noise scale estimates taken in (the
     squared norm of its ``mean``) and the window's tally reset."""
-    if state.noise is None:
+    if not _noise.tracked(state.noise):
       return state
     return state._replace(noise=_noise.end_window(
         state.noise, mean, ok, self.noise_scale_decay))

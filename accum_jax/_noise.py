@@ -164,6 +164,11 @@ def end_window(state: NoiseScaleState, mean: Any, ok: jax.Array,
   )
 
 
+def tracked(noise: Any) -> bool:
+  """Whether an ``AccumulateState.noise`` holds the estimator (else ``()``)."""
+  return isinstance(noise, NoiseScaleState)
+
+
 def check_decay(decay: Any) -> float:
   if (isinstance(decay, bool) or not isinstance(decay, (int, float, np.number))
       or not 0 <= float(decay) < 1):
@@ -230,7 +235,7 @@ def noise_scale(state: Any) -> NoiseScale:
     (1, 32.0)
   """
   noise = _find_state(state).noise
-  if noise is None:
+  if not tracked(noise):
     raise ValueError(
         'This AccumulateState does not track the noise scale: build the '
         'transform with accum_jax.accumulate(..., track_noise_scale=True).'
