@@ -300,7 +300,7 @@ class AccumulateConfig:
       updates, inner_state = self.inner.update(
           cast_like(mean, grads_like), state.inner_state, params, **extra_args)
       return updates, reset(
-          self.end_noise(state, mean, jnp.ones([], jnp.bool_)),
+          self.end_noise(state, jnp.ones([], jnp.bool_)),
           cast_like(inner_state, state.inner_state), updates)
     # Memory: XLA gives a cond's output a buffer of its own unless a branch
     # passes an operand through, and never writes a branch's operand in
@@ -334,7 +334,7 @@ class AccumulateConfig:
           through), inner_state
 
     ok = _nonfinite.window_ok(self.nonfinite, state)
-    state = self.end_noise(state, mean, ok)
+    state = self.end_noise(state, ok)
     out, inner_state = jax.lax.cond(ok, apply, skip,
                                     (mean, state.inner_state))
     updates = jax.tree.map(
@@ -343,14 +343,14 @@ class AccumulateConfig:
     return updates, reset(state, inner_state, updates,
                           skipped_step=state.window_nonfinite & ~ok)
 
-  def end_noise(self, state: 'AccumulateState', mean: Any,
+  def end_noise(self, state: 'AccumulateState',
                 ok: jax.Array) -> 'AccumulateState':
     """The state with the window's noise scale estimates taken in (the
-    squared norm of its ``mean``) and the window's tally reset."""
+    squared norm of its mean) and the window's tally reset."""
     if not _noise.tracked(state.noise):
       return state
     return state._replace(noise=_noise.end_window(
-        state.noise, mean, ok, self.noise_scale_decay))
+        state.noise, state.acc, state.weight, ok, self.noise_scale_decay))
 
 
 def cast_like(tree: Any, like: Any) -> Any:

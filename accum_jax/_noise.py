@@ -136,15 +136,20 @@ def piece(grads: Any, weight: jax.Array, examples: Any,
   return Tally(jnp.where(keep, b * sq, 0.0), b, keep.astype(jnp.float32))
 
 
-def end_window(state: NoiseScaleState, mean: Any, ok: jax.Array,
-               decay: float) -> NoiseScaleState:
-  """``state`` after a window whose mean gradient is ``mean``: its estimates
-  enter the EMAs when the window was applied (``ok``), has two pieces or more
-  and its estimates are finite; the window's tally is reset."""
+def end_window(state: NoiseScaleState, acc: Any, weight: jax.Array,
+               ok: jax.Array, decay: float) -> NoiseScaleState:
+  """``state`` after a window whose weighted gradient sum is ``acc`` and
+  weight sum ``weight``: its estimates enter the EMAs when the window was
+  applied (``ok``), has two pieces or more and its estimates are finite; the
+  window's tally is reset."""
   n, big = state.window.pieces, state.window.examples
   safe_big = jnp.where(big > 0, big, 1.0)
   small_sq = state.window.sq_norm / safe_big
-  big_sq = sq_norm(mean)
+  # |mean|^2 from the sum, not the mean: a read of the mean (which is taken
+  # in the accumulator's buffer) kept a parameter-sized copy of it.
+  w = jnp.asarray(weight, jnp.float32)
+  safe_w = jnp.where(w > 0, w, 1.0)
+  big_sq = sq_norm(acc) / (safe_w * safe_w)
   safe_n = jnp.where(n > 1, n - 1, 1.0)
   grad_sq = (n * big_sq - small_sq) / safe_n
   trace_cov = big * (small_sq - big_sq) / safe_n
