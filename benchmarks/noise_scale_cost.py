@@ -52,7 +52,7 @@ def measure(name, size, k, steps, repeats):
     runs[track] = {'compiled': compiled, 'params': params,
                    'opt_state': opt_state, 'peak': memory.peak_bytes,
                    'temp': memory.temp_bytes, 'times': []}
-  for track, run in runs.items():  # warm-up
+  for run in runs.values():  # warm-up
     run['params'], run['opt_state'], _, loss = run['compiled'](
         run['params'], run['opt_state'], model.state, model.batch, rng)
     jax.block_until_ready(loss)

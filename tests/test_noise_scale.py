@@ -441,3 +441,20 @@ def test_mesh_matches_one_device_pieces(mesh_results, name):
 
 def test_mesh_fsdp_per_microbatch_refuses(mesh_results):
   assert "fsdp_reduce='per_step'" in mesh_results['fsdp_error']
+
+
+def test_adaptive_example_compiles_once(tmp_path):
+  pytest.importorskip('sklearn')
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'accum_jax_example_adaptive_batch',
+      HERE.parent / 'examples' / 'adaptive_batch.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / 'adaptive.png'
+  results = module.main(['--examples', '2000', '--max-k', '8',
+                         '--out', str(out)])
+  assert results['traces'] == 1
+  ks = results['history']['adaptive k (from b_simple)']['k']
+  assert set(ks) <= set(range(2, 9)) and len(set(ks)) > 1
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
