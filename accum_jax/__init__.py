@@ -14,6 +14,11 @@ from accum_jax._accumulate import (
   flush,
   has_updated,
 )
+from accum_jax._noise import (
+  NoiseScale,
+  adaptive_num_microbatches,
+  noise_scale,
+)
 from accum_jax._planner import (
   CompiledMemory,
   MemoryPlan,
@@ -53,8 +58,10 @@ __all__ = (
     'AccumulateTransformation',
     'CompiledMemory',
     'MemoryPlan',
+    'NoiseScale',
     'PlanCandidate',
     'accumulate',
+    'adaptive_num_microbatches',
     'compiled_memory',
     'concat_microbatches',
     'filter_value_and_grad',
@@ -63,6 +70,7 @@ __all__ = (
     'has_updated',
     'linen_train_step',
     'nnx_train_step',
+    'noise_scale',
     'plan_microbatches',
     'split_batch',
     'value_and_grad',

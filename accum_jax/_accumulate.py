@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from accum_jax import _checks, _nonfinite
+from accum_jax import _checks, _noise, _nonfinite
 from accum_jax._sums import Micro, acc_dtype, add_weighted, mean_of
 
 
@@ -39,6 +39,9 @@ class AccumulateState(NamedTuple):
       non-finite micro-batch.
     skip_state: what ``should_skip_update_fn`` returned as info for the last
       micro-step (``optax.MultiSteps``' ``skip_state``); ``()`` without one.
+    noise: with ``track_noise_scale=True``, the gradient noise scale
+      estimator's scalars (read them with :func:`accum_jax.noise_scale`);
+      else ``()`` (an empty node, so the state stays arrays only).
 
   It holds arrays only, so every serializer (pickle, orbax,
   ``flax.serialization``) takes it as it is; how it is used (``k``, the
@@ -54,6 +57,7 @@ class AccumulateState(NamedTuple):
   skipped_steps: jax.Array
   window_nonfinite: jax.Array
   skip_state: Any = ()
+  noise: Any = ()
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
@@ -132,6 +136,8 @@ class AccumulateConfig:
       weighted sum (False) of the window's gradients.
     should_skip_update_fn: ``fn(updates, gradient_step, params) ->
       (should_skip, info)``, asked for every micro-step, or None.
+    track_noise_scale: whether the state estimates the gradient noise scale.
+    noise_scale_decay: the decay of its EMAs over windows.
   """
 
   inner: optax.GradientTransformationExtraArgs
@@ -140,6 +146,8 @@ class AccumulateConfig:
   nonfinite: str
   use_grad_mean: bool = True
   should_skip_update_fn: Callable[..., Any] | None = None
+  track_noise_scale: bool = False
+  noise_scale_decay: float = 0.99
 
   def static_num_microbatches(self, who: str) -> int:
     """``k`` for a driver that needs a static window length."""
@@ -180,6 +188,14 @@ class AccumulateConfig:
       )
     if params is not None:
       _checks.check_same_structure(params, state.acc, 'params', 'accumulator')
+    tracked = _noise.tracked(state.noise)
+    if tracked != self.track_noise_scale:
+      raise ValueError(
+          f'The AccumulateState {"has" if tracked else "lacks"}'
+          ' the noise scale estimator but this accumulate was built with '
+          f'track_noise_scale={self.track_noise_scale}. Create the state with '
+          'this transform\'s init.'
+      )
     for path, acc, like in _acc_leaves(state.acc, params):
       want = acc_dtype(jnp.result_type(like), self.accumulator_dtype)
       if jnp.result_type(acc) != want:
@@ -234,6 +250,8 @@ class AccumulateConfig:
         window_nonfinite=jnp.zeros([], jnp.bool_),
         skip_state=_nonfinite.skip_info_like(self.should_skip_update_fn,
                                              params),
+        noise=(_noise.NoiseScaleState.zeros() if self.track_noise_scale
+               else ()),
     )
 
   def update(self, grads: optax.Updates, state: 'AccumulateState',
@@ -263,9 +281,13 @@ class AccumulateConfig:
     else:
       grads_in = grads
     acc = add_weighted(state.acc, grads_in, w)
+    noise = state.noise
+    if _noise.tracked(noise):  # a micro-batch counts its weight, else 1
+      noise = noise._replace(window=noise.window + _noise.piece(
+          grads_in, w, w, prescaled=False))
     summed = _nonfinite.count_bad(
         state._replace(count=state.count + counted, acc=acc,
-                       weight=state.weight + w), bad)
+                       weight=state.weight + w, noise=noise), bad)
     ends = summed.count >= self.window_length(summed.step)
     if end_window is not None:
       if np.ndim(end_window) != 0:
@@ -325,8 +347,9 @@ class AccumulateConfig:
     if not guard:
       updates, inner_state = self.inner.update(
           cast_like(mean, grads_like), state.inner_state, params, **extra_args)
-      return updates, reset(state, cast_like(inner_state, state.inner_state),
-                            updates)
+      return updates, reset(
+          self.end_noise(state, jnp.ones([], jnp.bool_)),
+          cast_like(inner_state, state.inner_state), updates)
     # Memory: XLA gives a cond's output a buffer of its own unless a branch
     # passes an operand through, and never writes a branch's operand in
     # place. So the mean is taken before the cond (in the donated
@@ -359,6 +382,7 @@ class AccumulateConfig:
           through), inner_state
 
     ok = _nonfinite.window_ok(self.nonfinite, state)
+    state = self.end_noise(state, ok)
     out, inner_state = jax.lax.cond(ok, apply, skip,
                                     (mean, state.inner_state))
     updates = jax.tree.map(
@@ -366,6 +390,15 @@ class AccumulateConfig:
         like)
     return updates, reset(state, inner_state, updates,
                           skipped_step=state.window_nonfinite & ~ok)
+
+  def end_noise(self, state: 'AccumulateState',
+                ok: jax.Array) -> 'AccumulateState':
+    """The state with the window's noise scale estimates taken in (the
+    squared norm of its mean) and the window's tally reset."""
+    if not _noise.tracked(state.noise):
+      return state
+    return state._replace(noise=_noise.end_window(
+        state.noise, state.acc, state.weight, ok, self.noise_scale_decay))
 
 
 def cast_like(tree: Any, like: Any) -> Any:
@@ -459,6 +492,8 @@ def accumulate(
     nonfinite: str = 'propagate',
     use_grad_mean: bool = True,
     should_skip_update_fn: Callable[..., Any] | None = None,
+    track_noise_scale: bool = False,
+    noise_scale_decay: float = 0.99,
 ) -> AccumulateTransformation:
   r"""Accumulates gradients over ``k`` micro-steps, then applies ``inner`` once.
 
@@ -538,6 +573,12 @@ def accumulate(
       (``optax.MultiSteps(use_grad_mean=False)``), in both modes.
     should_skip_update_fn: a skip predicate ``fn(updates, gradient_step,
       params) -> (should_skip, info)``, see above; None asks nothing.
+    track_noise_scale: estimate the gradient noise scale from each window's
+      micro-batch gradients (a few scalars in the state, no parameter-sized
+      buffer); read it with :func:`accum_jax.noise_scale`. See
+      ``docs/noise_scale.md``.
+    noise_scale_decay: the decay in ``[0, 1)`` of the estimator's EMAs over
+      windows (bias-corrected).
 
   Returns:
     An :class:`AccumulateTransformation` (an
@@ -576,9 +617,15 @@ def accumulate(
         'should_skip_update_fn must be a function (updates, gradient_step, '
         f'params) -> (should_skip, info), got {should_skip_update_fn!r}.'
     )
-  config = AccumulateConfig(optax.with_extra_args_support(inner),
-                            num_microbatches, accumulator_dtype, nonfinite,
-                            bool(use_grad_mean), should_skip_update_fn)
+  if not isinstance(track_noise_scale, bool):
+    raise TypeError(
+        f'track_noise_scale must be a bool, got {track_noise_scale!r}.')
+  config = AccumulateConfig(
+      optax.with_extra_args_support(inner), num_microbatches,
+      accumulator_dtype, nonfinite, use_grad_mean=bool(use_grad_mean),
+      should_skip_update_fn=should_skip_update_fn,
+      track_noise_scale=track_noise_scale,
+      noise_scale_decay=_noise.check_decay(noise_scale_decay))
   return AccumulateTransformation(config.init, config.update)
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accum_jax import _checks, _nonfinite, _split, _sums, _varying
+from accum_jax import _checks, _noise, _nonfinite, _split, _sums, _varying
 
 RNG_KWARG = 'rng'
 NUM_REAL_KWARG = 'num_real_microbatches'
@@ -62,6 +62,8 @@ class Loop:
     per_example_fn: applied to each example's gradient inside a micro-batch
       (per-example gradients by ``jax.vmap``), or None.
     concat_aux: return every row's aux in the batch's row order.
+    track_noise_scale: add each micro-batch gradient's squared norm to the
+      sums (the noise scale estimator's tally).
   """
 
   loss_fn: Callable[..., Any]
@@ -82,6 +84,7 @@ class Loop:
   batch_args: _split.BatchArgs = _split.BatchArgs()
   per_example_fn: Callable[[Any], Any] | None = None
   concat_aux: bool = False
+  track_noise_scale: bool = False
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
@@ -458,11 +461,14 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
       shapes, loop.accumulator_dtype,
       reduce_aux=loop.has_aux and not (loop.stack_aux or loop.concat_aux),
       count_bad=loop.nonfinite != 'propagate',
-      grads=start)
+      grads=start,
+      noise=_noise.Tally.zeros() if loop.track_noise_scale else None)
   if loop.concat_aux:
     sums0 = sums0._replace(aux_rows=_sums.rows_zeros(aux_like, k,
                                                      loop.aux_axis))
   num_real = inp.num_real
+  # A micro-batch's size for the noise scale: its weight, else its rows.
+  rows = _split.batch_size(inp.batch, k, axes) // k
 
   def step(carry, index):
     """Adds micro-batch ``index`` (a real one) to the sums."""
@@ -484,6 +490,13 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
       if loop.has_state and dropped is not None:  # a dropped micro-batch
         new_state = jax.tree.map(lambda old, new: jnp.where(dropped, old, new),
                                  state, new_state)
+    if loop.track_noise_scale:
+      # The squared norm of the gradient as it exists here, before it is
+      # added into the carry: no second pass, no buffer of its own.
+      micro = micro._replace(noise=_noise.piece(
+          micro.grads, micro.weight,
+          micro.weight if loop.weight_fn is not None else rows,
+          prescaled=prescale))
     if loop.concat_aux:
       sums = sums._replace(aux_rows=_sums.rows_add(sums.aux_rows, micro.aux,
                                                    index, loop.aux_axis))

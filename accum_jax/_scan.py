@@ -397,7 +397,7 @@ def for_transform(tx: _accumulate.AccumulateTransformation,
                     accumulator_dtype=config.accumulator_dtype,
                     nonfinite=config.nonfinite,
                     should_skip_update_fn=config.should_skip_update_fn,
-                    **options)
+                    track_noise_scale=config.track_noise_scale, **options)
 
 
 def takes_value(update: Callable[..., Any]) -> bool:
@@ -441,8 +441,12 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
                        skip_state=opt_state.skip_state)
   result = run(loop, inp, opt_state.acc)
   sums = result.sums
+  noise = opt_state.noise
+  if sums.noise is not None:
+    noise = noise._replace(window=noise.window + sums.noise)
   summed = _nonfinite.count_bad(
-      opt_state._replace(acc=sums.grads, weight=opt_state.weight + sums.weight),
+      opt_state._replace(acc=sums.grads, weight=opt_state.weight + sums.weight,
+                         noise=noise),
       sums.bad)
   if loop.should_skip_update_fn is not None:
     summed = summed._replace(skip_state=result.skip_state)

@@ -316,6 +316,13 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
         'gradient is reduce-scattered before it can be screened, so no device '
         'sees a whole micro-batch gradient.'
     )
+  if scattered and loop.track_noise_scale:
+    raise ValueError(
+        f"track_noise_scale with parameters sharded over the batch axes {axes}"
+        " needs fsdp_reduce='per_step': with 'per_microbatch' a gradient is "
+        'reduce-scattered before its squared norm can be taken, so no device '
+        'sees a whole micro-batch gradient.'
+    )
   local = loop
   if scattered:
     # The gathers' transpose reduce-scatters each micro-batch's gradient
@@ -352,7 +359,8 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
     run = jax.shard_map(
         device_fn, mesh=plan_.mesh,
         in_specs=(specs, P(axes), P(), P(), P(), P()),
-        out_specs=(_sums.Sums(specs, P(), P(), P(), P(), P(), P(axes)), P()),
+        out_specs=(_sums.Sums(specs, P(), P(), P(), P(), P(), P(axes), P()),
+                   P()),
         axis_names=frozenset(axes))
   sums, state = run(inp.params, inp.batch, inp.args, inp.kwargs,
                     inp.num_real, inp.state)

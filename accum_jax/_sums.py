@@ -37,6 +37,7 @@ class Micro(NamedTuple):
       ``'propagate'``).
     grad_scale: what the gradient is added with: None for its weight, else a
       float32 scalar (1 for a gradient that already carries its weight).
+    noise: its noise scale ``Tally`` (its gradient's squared norm), or None.
   """
 
   value: Any
@@ -45,6 +46,7 @@ class Micro(NamedTuple):
   weight: jax.Array
   bad: Any
   grad_scale: jax.Array
+  noise: Any = None
 
 
 def sum_dtype(dtype) -> jnp.dtype:
@@ -122,6 +124,7 @@ class Sums(NamedTuple):
     aux_rows: with concatenated aux, every row's aux, its batch axis of size
       ``B // k`` split into ``(B // k, k)`` like the batch's (see
       :func:`rows_zeros`), this device's rows on a mesh; else None.
+    noise: the noise scale ``Tally`` of the micro-batches (scalars), or None.
   """
 
   grads: Any
@@ -131,13 +134,15 @@ class Sums(NamedTuple):
   bad: Any
   aux_weights: Any = None
   aux_rows: Any = None
+  noise: Any = None
 
   @classmethod
   def zeros(cls, shapes: Shapes, accumulator_dtype: Any, *, reduce_aux: bool,
-            count_bad: bool, grads: Any = None) -> 'Sums':
+            count_bad: bool, grads: Any = None, noise: Any = None) -> 'Sums':
     """Empty sums for micro-batches of ``shapes``; the gradient sum starts
     from ``grads`` when given (a window left part-full, whose buffer then
-    serves as the loop's carry)."""
+    serves as the loop's carry); ``noise`` is an empty noise scale tally, or
+    None."""
     if grads is None:
       grads = jax.tree.map(
           lambda g: jnp.zeros(g.shape, acc_dtype(g.dtype, accumulator_dtype)),
@@ -148,7 +153,8 @@ class Sums(NamedTuple):
                          shapes.aux)
     bad = jnp.zeros([], jnp.int32) if count_bad else None
     return cls(grads, jnp.zeros([], jnp.float32),
-               jnp.zeros([], sum_dtype(shapes.value.dtype)), aux, bad)
+               jnp.zeros([], sum_dtype(shapes.value.dtype)), aux, bad,
+               noise=noise)
 
   def add(self, micro: Micro) -> 'Sums':
     """The sums with one more micro-batch."""
@@ -177,6 +183,7 @@ class Sums(NamedTuple):
         bad=None if self.bad is None else self.bad + micro.bad,
         aux_weights=self.aux_weights,
         aux_rows=self.aux_rows,
+        noise=None if self.noise is None else self.noise + micro.noise,
     )
 
   def reduce(self, axes: tuple[str, ...],
@@ -207,6 +214,9 @@ class Sums(NamedTuple):
         bad=None if self.bad is None else _psum(self.bad, axes),
         aux_weights=total,
         aux_rows=self.aux_rows,
+        # Per-device scalars: they join the step's one reduction.
+        noise=None if self.noise is None else jax.tree.map(
+            lambda x: _psum(x, axes), self.noise),
     )
 
   def scaled(self, factor: float) -> 'Sums':
