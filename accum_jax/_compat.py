@@ -25,7 +25,7 @@ def pcast(x, axis_name, *, to: str):
   if hasattr(jax.lax, 'pcast'):
     return jax.lax.pcast(x, axis_name, to=to)
   if to != 'varying':
-    raise NotImplementedError(
+    raise ValueError(
         f"pcast(..., to={to!r}) needs jax.lax.pcast (jax >= 0.8); this jax "
         f"{jax.__version__} has only to='varying' (jax.lax.pvary).")
   return jax.lax.pvary(x, axis_name)

@@ -76,7 +76,7 @@ def _check_not_split(loop: _loop.Loop, batch: Any) -> None:
 
   _split.map_axes(check, axes, batch)
   if sharded or loop.mesh is not None or loop.axis_name is not None:
-    raise NotImplementedError(
+    raise ValueError(
         f'in_axes={loop.batch_args.axes}: a batch axis other than the leading '
         'one is split on one device only, not over a mesh (mesh=, axis_name= '
         f'or a batch sharded along it{": " + str(sharded[0]) if sharded else ""}'

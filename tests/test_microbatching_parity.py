@@ -501,7 +501,7 @@ def test_errors():
   with pytest.raises(TypeError, match=r'batched arguments \[2\]'):
     accum_jax.value_and_grad(loss_only, 4, batch_argnums=(1, 2),
                              in_axes=(1, 0))(params, x)
-  with pytest.raises(NotImplementedError, match='leading one is split on one'):
+  with pytest.raises(ValueError, match='leading one is split on one'):
     accum_jax.value_and_grad(loss_only, 4, batch_argnums=(1, 2),
                              in_axes=(1, 0), axis_name='data')(params, x, y)
 
@@ -562,7 +562,7 @@ MESH_SCRIPT = textwrap.dedent('''
                                    batch_argnums=(1, 2), in_axes=(1, 0))
       try:
         jax.jit(g)(params, xt, ys)
-      except NotImplementedError as e:
+      except ValueError as e:
         assert 'leading one is split on one device only' in str(e), e
       else:
         raise AssertionError('no error for a sharded non-leading axis')
