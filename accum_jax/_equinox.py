@@ -26,7 +26,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       'need Equinox: pip install equinox (or accum_jax[equinox]).'
   ) from e
 
-from accum_jax import _accumulate, _checks, _loop, _scan, _sums
+from accum_jax import _accumulate, _checks, _loop, _scan
 
 
 def _positions(argnums: int | Sequence[int] | None, num_args: int,
@@ -165,8 +165,7 @@ def filter_value_and_grad(
     bound, inp = _bind(loop, loss_fn, argnums, model, args, kwargs,
                        'filter_value_and_grad')
     result = _scan.run(bound, inp)
-    grads = _sums.mean_of(result.sums.grads, result.sums.weight,
-                          result.shapes.grads)
+    grads = result.mean_grads()
     return result.sums.finish(result.shapes, has_aux), grads
 
   return f

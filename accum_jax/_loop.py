@@ -218,6 +218,10 @@ class Result(NamedTuple):
   shapes: _sums.Shapes
   skip_state: Any = None
 
+  def mean_grads(self) -> Any:
+    """The weighted mean gradient, in the gradients' dtypes."""
+    return _sums.mean_of(self.sums.grads, self.sums.weight, self.shapes.grads)
+
 
 def inputs(loop: Loop, params, batch, args, kwargs, state=None) -> Inputs:
   """A call's :class:`Inputs`, with ``num_real_microbatches`` taken out of

@@ -22,7 +22,6 @@ from accum_jax import (
   _nonfinite,
   _sharding,
   _split,
-  _sums,
 )
 
 INNER_EXTRA_ARGS_KWARG = 'inner_extra_args'
@@ -260,8 +259,7 @@ def value_and_grad(
 
   def f(params, *args, **kwargs):
     result = run(loop, _loop.call_inputs(loop, params, args, kwargs))
-    grads = _sums.mean_of(result.sums.grads, result.sums.weight,
-                          result.shapes.grads)
+    grads = result.mean_grads()
     return result.sums.finish(result.shapes, has_aux), grads
 
   return f
@@ -425,8 +423,7 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   """
   if not isinstance(tx, _accumulate.AccumulateTransformation):
     result = run(loop, inp)
-    grads = _sums.mean_of(result.sums.grads, result.sums.weight,
-                          result.shapes.grads)
+    grads = result.mean_grads()
     updates, opt_state = tx.update(grads, opt_state, inp.params)
     return (result.sums.finish(result.shapes, loop.has_aux), updates,
             opt_state, result.state)
