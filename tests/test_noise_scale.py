@@ -454,3 +454,52 @@ def test_adaptive_example_compiles_once(tmp_path):
   ks = results['history']['adaptive k (from b_simple)']['k']
   assert set(ks) <= set(range(2, 9)) and len(set(ks)) > 1
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_nnx_optimizer_tracks_it():
+  """nnx_train_step and an nnx.Optimizer's cross-step updates both carry the
+  estimate; noise_scale reads it through nnx.as_pure(optimizer.opt_state)."""
+  pytest.importorskip('flax', minversion='0.12.7')
+  from flax import nnx
+  k, rows = 4, 8
+  batch = regression_batch(jax.random.key(3), rows, k)
+  batch = {'x': batch['x'], 'y': batch['y']}
+  tx = accum_jax.accumulate(optax.sgd(0.0), k, track_noise_scale=True,
+                            noise_scale_decay=0.5)
+
+  def loss(w, b):
+    return 0.5 * jnp.mean((b['x'] @ w - b['y']) ** 2)
+
+  want = accum_jax.noise_scale(jax.jit(accum_jax.value_and_update(loss, tx))(
+      W, tx.init(W), batch)[2])
+
+  def make():
+    model = nnx.Linear(D, 1, use_bias=False, rngs=nnx.Rngs(0))
+    model.kernel.value = W[:, None]
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  def nnx_loss(m, b):
+    return 0.5 * jnp.mean((m(b['x'])[:, 0] - b['y']) ** 2)
+
+  model, optimizer = make()
+  nnx.jit(lambda m, o, b: accum_jax.nnx_train_step(m, o, b, nnx_loss))(
+      model, optimizer, batch)
+  in_step = accum_jax.noise_scale(nnx.as_pure(optimizer.opt_state))
+
+  model, optimizer = make()  # cross-step: k calls of optimizer.update
+
+  @nnx.jit
+  def micro_step(model, optimizer, mb):
+    grads = nnx.grad(nnx_loss)(model, mb)
+    optimizer.update(model, grads)
+
+  for j in range(k):
+    micro_step(model, optimizer, jax.tree.map(lambda x, j=j: x[j::k], batch))
+  cross = accum_jax.noise_scale(nnx.as_pure(optimizer.opt_state))
+  np.testing.assert_allclose(np.asarray(in_step[:3]), np.asarray(want[:3]),
+                             rtol=1e-5)
+  # Cross-step without weight= a micro-batch counts 1, not its rows.
+  assert int(cross.windows) == 1 and float(cross.batch_size) == k
+  np.testing.assert_allclose(
+      [float(cross.b_simple) * rows, float(cross.trace_cov) * rows,
+       float(cross.grad_sq)], np.asarray(want[:3]), rtol=1e-5)
