@@ -186,3 +186,41 @@ def test_in_step_paths_match_hand_written_twin(path):
   a = memory_paths.peak_mib(ours, params, batch, *extra)
   b = memory_paths.peak_mib(twin, params, batch, *extra)
   assert a <= limit * b, (path, a, b)
+
+
+def test_k1_excess_is_the_accumulator_at_rest():
+  """At k = 1 the step's only excess over the full-batch step is the
+  accumulator the AccumulateState holds between steps (it carries cross-step
+  windows, so it is part of the state at every k): the arguments differ by
+  exactly its bytes, and the gradient is taken in its buffer (no more
+  temporaries than the full batch). value_and_grad(k=1) with the inner
+  optimizer, which has no accumulator at rest, matches the full batch."""
+  from benchmarks import memory_paths
+
+  params, batch = memory_paths.setup()
+  inner = optax.adam(1e-3)
+  rows = {name: row for name, *row in memory_paths.rows(k=8)}
+  ours, full, _ = rows['k=1 (vs full batch)']
+
+  def memory(step_and_init):
+    step, init = step_and_init
+    return accum_jax.compiled_memory(
+        step, params, jax.eval_shape(init, params), batch,
+        donate_argnums=memory_paths.DONATE)
+
+  a, b = memory(ours), memory(full)
+  acc_bytes = sum(4 * int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  # + the state's scalars (count, weight, step, counters)
+  assert 0 <= a.argument_bytes - b.argument_bytes - acc_bytes <= 64
+  assert a.temp_bytes <= b.temp_bytes
+  assert a.peak_bytes <= b.peak_bytes + acc_bytes + 64
+
+  grad = accum_jax.value_and_grad(memory_paths.loss_fn, 1)
+
+  def plain_step(params, opt_state, batch):
+    loss, grads = grad(params, batch)
+    updates, opt_state = inner.update(grads, opt_state, params)
+    return loss, optax.apply_updates(params, updates), opt_state
+
+  c = memory((plain_step, inner.init))
+  assert c.peak_bytes <= 1.01 * b.peak_bytes, (c.peak_bytes, b.peak_bytes)
