@@ -105,8 +105,9 @@ def filter_value_and_grad(
   split along its leading axis into ``k`` strided micro-batches (micro-batch
   ``j`` takes rows ``j, j+k, ...``), unless ``argnums`` names the batched ones
   (the others then reach every micro-batch whole). Keyword arguments reach
-  every micro-batch unchanged, except a PRNG key passed as ``rng=``, which
-  micro-batch ``j`` gets as ``jax.random.fold_in(rng, j)``, and
+  every micro-batch unchanged, except PRNG keys (``key=`` as Equinox names
+  it, any new-style key, or ``rng=``), which micro-batch ``j`` gets as
+  ``jax.random.fold_in(key, j)``, and
   ``num_real_microbatches=``. Non-array leaves of the module and of the
   arguments are static, as in ``eqx.filter_jit``. Weighting, aux, dtype and
   mesh rules are those of :func:`accum_jax.value_and_grad`.

@@ -258,14 +258,39 @@ def check_num_real(r: Any, num_microbatches: int) -> jax.Array:
   return jnp.asarray(r, jnp.int32)
 
 
-def fold_rng(kwargs: dict[str, Any], index: jax.Array) -> dict[str, Any]:
-  """Gives micro-batch (or device) ``index`` its own key(s):
-  ``fold_in(rng, index)``."""
-  if kwargs.get(RNG_KWARG) is None:
-    return kwargs
-  rng = jax.tree.map(lambda key: jax.random.fold_in(key, index),
-                     kwargs[RNG_KWARG])
-  return {**kwargs, RNG_KWARG: rng}
+def is_key(x: Any) -> bool:
+  """Whether ``x`` is a new-style (typed) PRNG key array."""
+  dtype = getattr(x, 'dtype', None)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def fold_key(key: Any, index: jax.Array) -> Any:
+  """``jax.random.fold_in(key, index)`` for a key (new-style, or a raw
+  ``uint32[2]``), or a new-style key array of any shape (each key folded)."""
+  if not is_key(key) or np.ndim(key) == 0:
+    return jax.random.fold_in(key, index)
+  flat = jnp.reshape(key, (-1,))
+  return jnp.reshape(jax.vmap(lambda k: jax.random.fold_in(k, index))(flat),
+                     np.shape(key))
+
+
+def fold_rng(args: tuple[Any, ...], kwargs: dict[str, Any],
+             index: jax.Array) -> tuple[tuple[Any, ...], dict[str, Any]]:
+  """Gives micro-batch (or device, or example) ``index`` its own keys:
+  ``fold_in(key, index)`` for every leaf of ``rng=`` (new-style or raw keys)
+  and for every new-style PRNG key elsewhere in the (unsplit) arguments, so
+  no two micro-batches draw the same dropout mask. Raw ``uint32`` keys
+  outside ``rng=`` look like data and pass unchanged."""
+
+  def fold_typed(tree):
+    return jax.tree.map(lambda x: fold_key(x, index) if is_key(x) else x,
+                        tree)
+
+  rng = kwargs.get(RNG_KWARG)
+  kwargs = fold_typed({n: v for n, v in kwargs.items() if n != RNG_KWARG})
+  if rng is not None:
+    kwargs[RNG_KWARG] = jax.tree.map(lambda key: fold_key(key, index), rng)
+  return fold_typed(tuple(args)), kwargs
 
 
 def _split_out(loop: Loop, out):
@@ -373,7 +398,8 @@ def _per_example(loop: Loop, grad):
 
   def one_row(params, row, index, args, kwargs):
     row = _split.map_axes(jnp.expand_dims, axes, row)
-    (value, (aux, _)), grads = grad(params, row, args, fold_rng(kwargs, index))
+    (value, (aux, _)), grads = grad(params, row, *fold_rng(args, kwargs,
+                                                           index))
     out = loop.per_example_fn(grads)
     if jax.tree.structure(out) != jax.tree.structure(grads) or any(
         np.shape(o) != np.shape(g) for o, g in
@@ -435,9 +461,11 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
     microbatch = _split.take_microbatch(reshaped, index, axes)
     extra = (state,) if loop.has_state else ()
     weight = _weight(loop, microbatch)
+    # The threaded state is not folded: an nnx.Rngs in it advances its own
+    # counter per micro-batch.
+    args, kwargs = fold_rng(inp.args, inp.kwargs, index)
     (value, (aux, new_state)), grads = _grad_fn(loop, prescale)(
-        inp.params, microbatch, extra + inp.args, fold_rng(inp.kwargs, index),
-        weight)
+        inp.params, microbatch, extra + args, kwargs, weight)
     return (value, aux, grads, weight), new_state
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)

@@ -152,7 +152,9 @@ def value_and_grad(
     non-finite, are zeros.
   * **RNG.** A PRNG key (or a pytree of keys) passed as the keyword ``rng=``
     reaches micro-batch ``j`` as ``jax.random.fold_in(rng, j)``, so every
-    micro-batch gets its own dropout mask.
+    micro-batch gets its own dropout mask; so does a new-style key
+    (``jax.random.key``) under any other name or in an unbatched argument.
+    On a mesh each device first folds in its index.
   * **Dtypes.** Gradients are summed in ``promote_types(grad_dtype,
     accumulator_dtype)`` (float32 for bf16 gradients by default) and returned
     in the gradients' dtype.

@@ -285,6 +285,21 @@ def _agree(x, axes):
   return jax.lax.pmax(x, varying)
 
 
+def _agree_key(given, folded, key, axes):
+  """One value of a carried key for all devices. A key the loop left as it
+  was (an nnx.Rngs stream's: its counter advances instead) comes back as
+  given, unfolded; a key the loss replaced comes back as the elementwise
+  maximum of the devices' key data (some valid key, the same everywhere)."""
+  varying = tuple(a for a in axes if a in varying_axes(key))
+  if not varying:
+    return key
+  data = jax.random.key_data(key)
+  kept = jnp.all(data == jax.random.key_data(folded))
+  data = jnp.where(kept, jax.random.key_data(given), data)
+  return jax.random.wrap_key_data(jax.lax.pmax(data, varying),
+                                  impl=jax.random.key_impl(given))
+
+
 def _global_like(param, grad_like):
   """The gradient's global shape, dtype and (explicit) sharding: zeros made
   from it (an empty window's updates) match the real updates' type."""
@@ -341,8 +356,13 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
         lambda g, s: _reduce_grad(g, s, axes, scatter=per_step), grads, specs)
 
   def device_fn(params, batch, args, kwargs, num_real, state):
-    # Devices draw independent keys for their rows of a micro-batch.
-    kwargs = _loop.fold_rng(kwargs, jax.lax.axis_index(axes))
+    # Devices draw independent keys for their rows of a micro-batch: the
+    # arguments' keys, and the threaded state's (an nnx.Rngs' stream keys).
+    index = jax.lax.axis_index(axes)
+    args, kwargs = _loop.fold_rng(args, kwargs, index)
+    state_in = state
+    state = jax.tree.map(
+        lambda x: _loop.fold_key(x, index) if _loop.is_key(x) else x, state)
     if per_step:
       params = jax.tree.map(_gather, params, specs)
     # Invariant (replicated) params would get a psum in the loop body.
@@ -351,7 +371,9 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
                                             num_real, state))
     shapes.append(result.shapes)
     return (result.sums.reduce(axes, reduce_grads),
-            jax.tree.map(lambda c: _agree(c, axes), result.state))
+            jax.tree.map(lambda given, folded, c: _agree_key(
+                given, folded, c, axes) if _loop.is_key(given)
+                         else _agree(c, axes), state_in, state, result.state))
 
   if plan_.inside:
     run = device_fn

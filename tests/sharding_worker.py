@@ -281,6 +281,46 @@ def dp_extra(rec, mesh):
 
     rec.record('dp/rng', got, jax.value_and_grad(piece_loss)(params))
 
+    # A new-style key under any other name (Equinox's key=) is folded the
+    # same way, per device and per micro-batch.
+    def keyed(p, b, *, key):
+      return noisy(p, b, key)
+
+    got = jax.jit(accum_jax.value_and_grad(keyed, k))(ps, bs, key=rng)
+    rec.record('dp/rng_as_key', got, jax.value_and_grad(piece_loss)(params))
+
+    # A key in the threaded state, used as an nnx.Rngs stream uses it (the
+    # key stays, the counter advances): piece (d, j) draws from
+    # fold_in(fold_in(key, d), count + j); the key comes back unfolded.
+    def stream_loss(p, b, state):
+      key = jax.random.fold_in(state['key'], state['count'])
+      return noisy(p, b, key), {'key': state['key'],
+                                'count': state['count'] + 1}
+
+    loop = _loop.Loop(stream_loss, k, has_state=True)
+    state0 = {'key': rng, 'count': jnp.int32(3)}
+
+    @jax.jit
+    def stream_step(p, b, state):
+      result = _scan.run(loop, _loop.inputs(loop, p, b, (), {}, state))
+      return result.mean_grads(), result.state
+
+    grads, state = stream_step(ps, bs, state0)
+
+    def stream_reference(p):
+      total = 0.0
+      for d in range(8):
+        for j in range(k):
+          b = jax.tree.map(lambda x, d=d, j=j: x[d, j::k], local)
+          key = jax.random.fold_in(jax.random.fold_in(rng, d), 3 + j)
+          total += noisy(p, b, key)
+      return total / (8 * k)
+
+    rec.record('dp/state_key', [grads, jax.random.key_data(state['key']),
+                                state['count']],
+               [jax.grad(stream_reference)(params),
+                jax.random.key_data(rng), 3 + k])
+
   # A mesh with Auto axes: the batch sharding is not in the types, so the
   # batch axis is named; without it the plain scan runs (GSPMD decides).
   auto = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))

@@ -253,6 +253,35 @@ def test_arguments_static_leaves_and_rng():
       g.linear.weight for g in shared) / K)
 
 
+def test_key_keyword_is_folded_per_microbatch():
+  """Equinox's own convention, a key= keyword, gets micro-batch j its own
+  fold_in(key, j) (no shared dropout mask), in filter_value_and_update."""
+  model = eqx.nn.Sequential([eqx.nn.Linear(4, 16, key=jax.random.key(0)),
+                             eqx.nn.Lambda(jnp.tanh), eqx.nn.Dropout(0.5),
+                             eqx.nn.Linear(16, 3, key=jax.random.key(1))])
+
+  def loss_fn(model, x, y, *, key):
+    keys = jax.random.split(key, x.shape[0])
+    return jnp.mean((jax.vmap(lambda xi, k: model(xi, key=k))(x, keys) - y)
+                    ** 2)
+
+  x = jax.random.normal(jax.random.key(1), (8, 4))
+  y = jax.random.normal(jax.random.key(2), (8, 3))
+  key = jax.random.key(3)
+  tx = accum_jax.accumulate(optax.sgd(1.0), K)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  value, updates, _ = eqx.filter_jit(accum_jax.filter_value_and_update(
+      loss_fn, tx))(model, tx.init(params), x, y, key=key)
+  ref = [eqx.filter_value_and_grad(loss_fn)(model, x[j::K], y[j::K],
+                                            key=jax.random.fold_in(key, j))
+         for j in range(K)]
+  np.testing.assert_allclose(value, sum(v for v, _ in ref) / K, rtol=1e-6)
+  want = jax.tree.map(lambda *g: -sum(g) / K, *[g for _, g in ref])
+  for got, exp in zip(jax.tree.leaves(updates), jax.tree.leaves(want),
+                      strict=True):
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-7)
+
+
 def test_value_and_grad_on_a_module_points_to_the_filter_helpers():
   model = CNN(jax.random.key(0))
   x, y = digits_batches(1)[0]

@@ -140,6 +140,40 @@ def test_rng_pytree_of_raw_keys():
           for j in range(2)])
 
 
+def test_typed_keys_under_any_name_are_folded_per_microbatch():
+  """A new-style key reaches micro-batch j as fold_in(key, j) under any
+  name (Equinox's key=, Flax's rngs={...}, an unbatched positional argument,
+  a key array); a raw uint32 key outside rng= is data and passes as is."""
+  params, _ = _init()
+  batch = {'x': jnp.ones((4, 8))}
+  key, keys = jax.random.key(3), jax.random.split(jax.random.key(4), 2)
+  raw = jax.random.PRNGKey(5)
+
+  def draws(params, batch, pos_key, *, key, rngs, raw):
+    del batch
+    return jnp.sum(params['w1']) * 0.0, {
+        'key': jax.random.uniform(key), 'pos': jax.random.uniform(pos_key),
+        'rngs': jax.random.uniform(rngs['dropout']),
+        'array': jax.vmap(jax.random.uniform)(keys_arg(rngs)),
+        'raw': raw}
+
+  def keys_arg(rngs):
+    return rngs['pair']
+
+  (_, got), _ = jax.jit(accum_jax.value_and_grad(
+      draws, 4, has_aux=True, stack_aux=True, batch_argnums=1))(
+          params, batch, key, key=key, rngs={'dropout': key, 'pair': keys},
+          raw=raw)
+  for j in range(4):
+    folded = jax.random.uniform(jax.random.fold_in(key, j))
+    for name in ('key', 'pos', 'rngs'):
+      np.testing.assert_array_equal(got[name][j], folded)
+    np.testing.assert_array_equal(got['array'][j], [
+        jax.random.uniform(jax.random.fold_in(kk, j)) for kk in keys])
+    np.testing.assert_array_equal(got['raw'][j], raw)
+  assert len(set(np.asarray(got['key']).tolist())) == 4
+
+
 def test_microbatches_run_inside_the_loop_only():
   params, key = _init()
   batch = _batch(key)
