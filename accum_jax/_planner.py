@@ -12,7 +12,9 @@ the benchmarks report, so a plan's estimate is the benchmark's number.
 """
 
 import math
+import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,8 +33,14 @@ class CompiledMemory(NamedTuple):
     temp_bytes: bytes of the temporaries (activations, loop carries...).
     alias_bytes: bytes of outputs written into donated argument buffers.
     peak_bytes: ``argument + output + temp - alias``.
-    flops: the compiled ``cost_analysis()`` flop count (``nan`` when the
-      backend does not report it).
+    flops: the flops of one call, loop trip counts included: XLA's compiled
+      ``cost_analysis()`` counts a loop body once, so every ``while`` loop
+      whose trip count XLA knows (``scan``, ``fori_loop``, the micro-batch
+      loop) has its body and condition counted as many times as it runs,
+      each costed by XLA's own analysis (see :func:`compiled_memory`).
+      ``nan`` when the backend reports no flops. Where a loop body cannot be
+      costed (a jaxlib without the private HLO functions this uses), a
+      warning says so and the figure counts each body once, as XLA does.
     compile_seconds: wall time of ``lower(...).compile()``.
   """
 
@@ -54,6 +62,138 @@ def _flops(compiled) -> float:
   return float(cost['flops'])
 
 
+# The optimized HLO text: a computation's header, and the references an
+# instruction makes to other computations.
+_HEADER = re.compile(r'(ENTRY\s+)?%?([A-Za-z_][\w.\-]*)\s*\(.*\{\s*$')
+_NAME = r'%?([A-Za-z_][\w.\-]*)'
+_WHILE = re.compile(r'\swhile\(.*\bcondition=' + _NAME + r'.*\bbody=' + _NAME)
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BRANCHES = re.compile(r'\bbranch_computations=\{([^}]*)\}|'
+                       r'\b(?:true|false)_computation=' + _NAME)
+_CALLS = re.compile(r'\b(?:calls|to_apply)=' + _NAME
+                    + r'|\bcalled_computations=\{([^}]*)\}')
+
+
+def _names(group: str | None) -> list[str]:
+  return [n.strip().lstrip('%') for n in (group or '').split(',') if n.strip()]
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
+  """The instruction lines of each computation of an HLO module's text, and
+  the name of its entry computation."""
+  computations, entry, current = {}, None, None
+  for line in text.split('\n'):
+    if line.startswith((' ', '\t')):
+      if current is not None:
+        computations[current].append(line)
+    elif line.startswith('}'):
+      current = None
+    elif (header := _HEADER.match(line)) is not None:
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+  return computations, entry
+
+
+def _hlo_cost_functions():
+  """jaxlib's ``(hlo_module_from_text, hlo_module_cost_analysis)``: private
+  names, looked up where each supported jaxlib keeps them."""
+  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+  xla = getattr(xla_client, '_xla', None)
+  parse = getattr(xla, 'hlo_module_from_text', None)
+  if parse is None:
+    from jaxlib import _hlo  # pylint: disable=g-import-not-at-top
+    parse = _hlo.hlo_module_from_text
+  return parse, xla.hlo_module_cost_analysis
+
+
+def _loop_flops(compiled, flops_once: float) -> float:
+  """``flops_once`` (XLA's figure, each loop body counted once) with every
+  loop of known trip count ``n`` counted ``n`` times.
+
+  XLA costs a ``while`` as one pass of its body and condition, and a
+  conditional as its costliest branch. For a computation ``C`` the exact
+  figure is ``xla(C) + extra(C)``, where a loop of ``n`` trips in ``C`` adds
+  ``n * exact(body) - xla(body) + n * xla(condition)`` (the condition runs
+  ``n + 1`` times) and a call adds its callee's ``extra``. ``xla(B)`` of a
+  body is XLA's own cost analysis of the module re-rooted at ``B``, so each
+  instruction is costed as XLA costs it in place. A loop whose trip count
+  XLA does not know counts once (its inner loops are still scaled).
+  """
+  text = compiled.as_text()
+  if _WHILE.search(text) is None:
+    return flops_once
+  computations, entry = _computations(text)
+  if entry is None:
+    raise ValueError('no ENTRY computation found in the HLO text')
+  parse, analyse = _hlo_cost_functions()
+  client = compiled.runtime_executable().client
+  lines = text.split('\n')
+  xla_costs, extras = {}, {}
+
+  def xla(name):
+    # The same module with ``name`` as its entry computation.
+    if name not in xla_costs:
+      rooted = ['HloModule rooted']
+      for line in lines[1:]:
+        header = _HEADER.match(line)
+        if header is not None:
+          if header.group(1):
+            line = line[header.end(1):]
+          if header.group(2) == name:
+            line = 'ENTRY ' + line
+        rooted.append(line)
+      cost = analyse(client, parse('\n'.join(rooted)))
+      xla_costs[name] = float(cost.get('flops', 0.0))
+    return xla_costs[name]
+
+  def extra(name):
+    if name in extras:
+      return extras[name]
+    extras[name] = 0.0  # a cycle (none in valid HLO) adds nothing
+    total = 0.0
+    for line in computations.get(name, ()):
+      if (loop := _WHILE.search(line)) is not None:
+        condition, body = loop.groups()
+        trips = _TRIPS.search(line)
+        if trips is None:
+          total += extra(body)
+        else:
+          n = int(trips.group(1))
+          total += (n * (xla(body) + extra(body)) - xla(body)
+                    + n * xla(condition))
+        continue
+      branches = [n for m in _BRANCHES.finditer(line)
+                  for n in _names(m.group(1)) + _names(m.group(2))]
+      if branches:
+        if any(extra(b) for b in branches):
+          total += (max(xla(b) + extra(b) for b in branches)
+                    - max(xla(b) for b in branches))
+        continue
+      for m in _CALLS.finditer(line):
+        for callee in _names(m.group(1)) + _names(m.group(2)):
+          total += extra(callee)
+    extras[name] = total
+    return total
+
+  return flops_once + extra(entry)
+
+
+def _step_flops(compiled) -> float:
+  flops = _flops(compiled)
+  if math.isnan(flops):
+    return flops
+  try:
+    return _loop_flops(compiled, flops)
+  except Exception as e:  # a jaxlib without these private names, a new format
+    warnings.warn(
+        f'accum_jax could not count the loop trip counts in the flops ({e!r}); '
+        'CompiledMemory.flops counts each loop body once, as XLA does, so '
+        'compare it only between steps with the same loops.', stacklevel=3)
+    return flops
+
+
 def compiled_memory(
     fn: Callable[..., Any],
     *args: Any,
@@ -62,6 +202,12 @@ def compiled_memory(
     **kwargs: Any,
 ) -> CompiledMemory:
   """Compiles ``fn(*args, **kwargs)`` ahead and returns its memory figures.
+
+  ``flops`` is the work of one call: XLA's ``cost_analysis()`` counts the
+  body of a ``while`` loop once, so each loop whose trip count XLA knows
+  (``lax.scan``, ``fori_loop`` with static bounds, nested ones too) is
+  counted as many times as it runs, its body costed by the same analysis
+  (see :attr:`CompiledMemory.flops`).
 
   Args:
     fn: the function to compile (a plain function or a ``jax.jit`` one), or
@@ -83,6 +229,11 @@ def compiled_memory(
     >>> m = accum_jax.compiled_memory(lambda x: x * 2.0, x, donate_argnums=0)
     >>> m.peak_bytes  # input and output share one donated buffer
     262144
+    >>> w = jnp.ones((256, 256))
+    >>> ten = lambda x: jax.lax.fori_loop(0, 10, lambda i, h: h @ w, x)
+    >>> flops = accum_jax.compiled_memory(ten, x).flops
+    >>> round(flops / (2 * 256**3), 4)  # ten matmuls (XLA alone says one)
+    10.0
   """
   if isinstance(fn, jax.stages.Compiled):
     if args or kwargs:
@@ -111,7 +262,7 @@ def compiled_memory(
       temp_bytes=int(stats.temp_size_in_bytes),
       alias_bytes=int(stats.alias_size_in_bytes),
       peak_bytes=int(peak),
-      flops=_flops(compiled),
+      flops=_step_flops(compiled),
       compile_seconds=seconds,
   )
 
@@ -123,9 +274,10 @@ class PlanCandidate(NamedTuple):
     num_microbatches: ``k``.
     remat: the remat option passed to ``make_step``.
     peak_bytes: the compiled peak (see :func:`compiled_memory`).
-    flops: the compiled flop count (recomputation shows up here). XLA counts
-      the body of a loop once, whatever its trip count, so compare it only
-      between candidates with the same ``k`` and ``unroll``.
+    flops: the step's flops, loop trip counts included (see
+      :attr:`CompiledMemory.flops`): recomputation shows up here, and the
+      same work split into more micro-batches or unrolled differently
+      counts about the same.
     fits: whether ``peak_bytes <= budget_bytes``.
     memory: the full :class:`CompiledMemory`.
     unroll: the unroll option passed to ``make_step``, or ``None`` when the
@@ -145,16 +297,19 @@ class MemoryPlan(NamedTuple):
   """The plan chosen by :func:`plan_microbatches`.
 
   Attributes:
-    num_microbatches: the chosen ``k``, the smallest that fits.
+    num_microbatches: the chosen ``k``, the smallest that fits (found by
+      bisection, see :func:`plan_microbatches`).
     remat: the chosen remat option: among those that fit at that ``k``, the
-      one with the fewest compiled flops (least recomputation).
+      one with the fewest flops (least recomputation).
     peak_bytes: the chosen step's compiled peak.
-    flops: the chosen step's compiled flop count.
+    flops: the chosen step's flops, loop trip counts included.
     budget_bytes: the budget the plan was made for.
-    candidates: every :class:`PlanCandidate` compiled, in the order tried.
+    candidates: every :class:`PlanCandidate` compiled, by increasing ``k``
+      (then in the order of the options).
     unroll: the chosen unroll option: among those that fit with the chosen
       remat, the largest (fewest loop iterations); ``None`` when the planner
       was given no ``unroll`` options.
+    skipped: the candidate ``k`` the bisection did not compile, increasing.
   """
 
   num_microbatches: int
@@ -164,10 +319,12 @@ class MemoryPlan(NamedTuple):
   budget_bytes: int
   candidates: tuple[PlanCandidate, ...]
   unroll: Any = None
+  skipped: tuple[int, ...] = ()
 
   def table(self) -> str:
-    """The candidates as a fixed-width text table."""
-    return _table(self.candidates, self.budget_bytes, self)
+    """The candidates as a fixed-width text table, a ``skipped`` row for
+    each ``k`` not compiled."""
+    return _table(self.candidates, self.budget_bytes, self, self.skipped)
 
 
 def device_memory_budget(device: jax.Device | None = None) -> int | None:
@@ -209,12 +366,19 @@ def _mib(n: float) -> str:
   return f'{n / 2**20:.2f} MiB'
 
 
-def _table(candidates, budget, chosen=None) -> str:
+def _table(candidates, budget, chosen=None, skipped=()) -> str:
   unrolled = any(c.unroll is not None for c in candidates)
   head = f'  {"unroll":>6}' if unrolled else ''
   lines = [f'{"k":>4}  {"remat":<36}{head}  {"peak":>14}  {"GFLOP":>10}  fits'
            f'   (budget {_mib(budget)})']
-  for c in candidates:
+  rows = [(c.num_microbatches, 0, c) for c in candidates]
+  rows += [(k, 1, None) for k in skipped]
+  for k, _, c in sorted(rows, key=lambda row: row[:2]):
+    if c is None:  # a k the bisection did not compile
+      column = f'  {"-":>6}' if unrolled else ''
+      lines.append(f'{k:>4}  {"-":<36}{column}  {"skipped":>14}  '
+                   f'{"-":>10}  -')
+      continue
     mark = ''
     if (chosen is not None and c.num_microbatches == chosen.num_microbatches
         and c.remat is chosen.remat
@@ -225,6 +389,9 @@ def _table(candidates, budget, chosen=None) -> str:
         f'{c.num_microbatches:>4}  {remat_name(c.remat):<36}{column}  '
         f'{_mib(c.peak_bytes):>14}  {c.flops / 1e9:>10.3f}  '
         f'{"yes" if c.fits else "no":<4}{mark}')
+  if skipped:
+    lines.append('skipped: not compiled (the bisection over k assumes the '
+                 'peak falls as k grows)')
   return '\n'.join(lines)
 
 
@@ -238,8 +405,9 @@ def _trips(k: int, unroll: Any) -> int:
 
 def _choose(tried: list[PlanCandidate]) -> PlanCandidate | None:
   """Among the candidates of one ``k`` that fit: the least recomputation
-  (fewest flops among those with the same unroll), then the fewest loop
-  iterations, then the listed order."""
+  (fewest flops among those with the same unroll, so that the few flops an
+  unrolled loop saves or adds never outweigh a remat option), then the
+  fewest loop iterations, then the listed order."""
 
   def flops(c):
     return math.inf if math.isnan(c.flops) else c.flops
@@ -285,14 +453,24 @@ def plan_microbatches(
 ) -> MemoryPlan:
   """Picks the fewest micro-batches (and cheapest remat) whose step fits.
 
-  For ``k`` in increasing order (by default every divisor of the batch size)
-  and each option in ``remat``, compiles ``make_step(k, remat_option)`` ahead
-  on ``args`` and reads its peak memory (:func:`compiled_memory`: argument +
-  output + temporaries - aliased). The first ``k`` with a step that fits the
-  budget wins; among the options that fit at that ``k``, the one with the
-  fewest compiled flops (the least recomputation) is chosen, ties going to the
-  earlier option. Larger ``k`` are not compiled. The step is never run, so
-  ``args`` can be ``jax.ShapeDtypeStruct``\\ s.
+  For a candidate ``k`` (by default every divisor of the batch size) and
+  each option in ``remat``, compiles ``make_step(k, remat_option)`` ahead on
+  ``args`` and reads its peak memory (:func:`compiled_memory`: argument +
+  output + temporaries - aliased); ``k`` fits if one of its options does.
+  The smallest ``k`` that fits wins; among the options that fit at that
+  ``k``, the one with the fewest flops (the least recomputation) is chosen,
+  ties going to the earlier option. The step is never run, so ``args`` can
+  be ``jax.ShapeDtypeStruct``\\ s.
+
+  Compiling a large model takes minutes, so the candidates are searched by
+  bisection: about ``log2(n) + 1`` of ``n`` candidate ``k`` are compiled,
+  and the table shows the others as ``skipped`` (:attr:`MemoryPlan.skipped`).
+  This assumes the peak falls as ``k`` grows (smaller micro-batches, smaller
+  activations), which holds for the divisors of the batch size on the
+  models measured. Where it does not, the plan is still sound but maybe not
+  the smallest: the chosen ``k`` fits, and the next smaller candidate was
+  compiled and does not fit (or the chosen ``k`` is the smallest candidate).
+  Pass ``num_microbatches=[k]`` to compile one ``k`` alone.
 
   With ``unroll`` options, every ``(remat, unroll)`` pair is compiled at each
   ``k`` with ``make_step(k, remat_option, unroll_option)``. An unrolled loop
@@ -320,7 +498,8 @@ def plan_microbatches(
     num_microbatches: the ``k`` to try; by default the divisors of the batch
       size. Each must divide it.
     remat: the remat options to try at each ``k`` (``None``, ``True`` or
-      ``jax.checkpoint_policies`` policies), in order of preference.
+      ``jax.checkpoint_policies`` policies), in order of preference; every
+      option is compiled at each ``k`` the bisection visits.
     print_fn: prints the table of candidates; ``None`` to stay quiet.
     unroll: the unroll options to try at each ``k`` (ints >= 1 or ``True``,
       as ``lax.scan`` takes them), passed to ``make_step`` as a third
@@ -332,8 +511,8 @@ def plan_microbatches(
 
   Raises:
     ValueError: if no budget is given and the device reports none, if a ``k``
-      does not divide the batch size, or if nothing tried fits (the message
-      has the table).
+      does not divide the batch size, or if even the largest ``k`` does not
+      fit (the message has the table).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -356,6 +535,8 @@ def plan_microbatches(
     ...     print_fn=None)
     >>> plan.num_microbatches, plan.peak_bytes <= 400_000
     (2, True)
+    >>> plan.skipped  # not compiled (4 of the 10 divisors of 512 were)
+    (8, 16, 64, 128, 256, 512)
   """
   if budget_bytes is None:
     budget_bytes = device_memory_budget()
@@ -395,9 +576,7 @@ def plan_microbatches(
       raise ValueError('unroll must name at least one option, e.g. (1, '
                        'True), or be None.')
 
-  candidates = []
-  chosen = None
-  for k in ks:
+  def compile_k(k):
     tried = []
     for option in remat:
       for u in unrolls:
@@ -407,22 +586,32 @@ def plan_microbatches(
         tried.append(PlanCandidate(k, option, memory.peak_bytes, memory.flops,
                                    memory.peak_bytes <= budget_bytes, memory,
                                    u))
-    candidates.extend(tried)
-    chosen = _choose(tried)
-    if chosen is not None:
-      break
+    return tried
 
-  candidates = tuple(candidates)
-  if chosen is None:
+  # Bisection for the first k that fits: ks[lo - 1] is known not to fit
+  # (or lo == 0), ks[hi] is known to fit (or hi == len(ks)).
+  compiled, lo, hi = {}, 0, len(ks)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    compiled[ks[mid]] = compile_k(ks[mid])
+    if _choose(compiled[ks[mid]]) is None:
+      lo = mid + 1
+    else:
+      hi = mid
+  candidates = tuple(c for k in sorted(compiled) for c in compiled[k])
+  skipped = tuple(k for k in ks if k not in compiled)
+  if hi == len(ks):
     raise ValueError(
         f'No plan fits the budget of {budget_bytes} bytes '
         f'({_mib(budget_bytes)}): even k={ks[-1]} with remat options '
         f'{[remat_name(r) for r in remat]} needs '
-        f'{_mib(min(c.peak_bytes for c in candidates))}. Tried:\n'
-        + _table(candidates, budget_bytes)
+        f'{_mib(min(c.peak_bytes for c in compiled[ks[-1]]))}. Tried:\n'
+        + _table(candidates, budget_bytes, skipped=skipped)
     )
+  chosen = _choose(compiled[ks[hi]])
   plan = MemoryPlan(chosen.num_microbatches, chosen.remat, chosen.peak_bytes,
-                    chosen.flops, int(budget_bytes), candidates, chosen.unroll)
+                    chosen.flops, int(budget_bytes), candidates, chosen.unroll,
+                    skipped)
   if print_fn is not None:
     print_fn(plan.table())
   return plan
