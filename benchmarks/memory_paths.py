@@ -53,8 +53,9 @@ def weight_fn(microbatch):
 
 
 def accum_step(inner, k, *, apply=True, weighted=False, ragged=False,
-               nonfinite='propagate'):
-  tx = accum_jax.accumulate(inner, k, nonfinite=nonfinite)
+               nonfinite='propagate', noise=False):
+  tx = accum_jax.accumulate(inner, k, nonfinite=nonfinite,
+                            track_noise_scale=noise)
   grad_step = accum_jax.value_and_update(
       loss_fn, tx, weight_fn=weight_fn if weighted else None)
 
@@ -135,6 +136,8 @@ def rows(k=8, apply=True):
        (r,)),
       ("nonfinite='skip_step' (vs plain twin)",
        accum_step(inner, k, apply=apply, nonfinite='skip_step'), plain(), ()),
+      ('track_noise_scale=True (vs plain twin)',
+       accum_step(inner, k, apply=apply, noise=True), plain(), ()),
       ('k=1 (vs full batch)', accum_step(inner, 1, apply=apply),
        full_batch_step(inner, apply=apply), ()),
   ]
