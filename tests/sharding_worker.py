@@ -437,7 +437,7 @@ def auto_checks(rec, mesh):
                 axis_name='data')
   params, batch = make_params(), make_batch()
   want = jax.tree.map(lambda g: -g, jax.grad(loss_fn)(params, batch))
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     ps = put(mesh, params, jax.tree.map(lambda _: P(), params))
     bs = put(mesh, batch, jax.tree.map(lambda _: P('data'), batch))
     for k in KS:

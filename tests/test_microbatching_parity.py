@@ -535,10 +535,11 @@ def test_errors():
 MESH_SCRIPT = textwrap.dedent('''
     import jax, numpy as np, optax
     import jax.numpy as jnp
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
     import accum_jax
+    from accum_jax import _compat
 
-    mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+    mesh = _compat.make_mesh((8,), ('data',))  # explicit axes
     kw, kx, ky = jax.random.split(jax.random.key(0), 3)
     params = {'w': jax.random.normal(kw, (8, 5)) * 0.5}
     x = jax.random.normal(kx, (32, 8)) * 2.0
@@ -556,7 +557,7 @@ MESH_SCRIPT = textwrap.dedent('''
                            (None, 0, 0))(params, x[:, None], y[:, None])
     want = jax.tree.map(lambda g: g.mean(0), jax.vmap(clip)(per_example))
     want_logits = loss_fn(params, x, y)[1]
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
       xs = jax.device_put(x, NamedSharding(mesh, P('data')))
       ys = jax.device_put(y, NamedSharding(mesh, P('data')))
       f = jax.jit(accum_jax.value_and_grad(
