@@ -135,8 +135,27 @@ def put(mesh, tree, specs):
                       tree, specs)
 
 
+def spec_str(spec):
+  """``P('data', None)``: as jax 0.10 prints a spec (0.7.0 wrote
+  ``PartitionSpec('data', None)``)."""
+  return 'P' + repr(tuple(spec))
+
+
 def specs_of(tree):
-  return [str(x.sharding.spec) for x in jax.tree.leaves(tree)]
+  return [spec_str(x.sharding.spec) for x in jax.tree.leaves(tree)]
+
+
+def combines_all_reduces(mesh, axis):
+  """Whether XLA makes one all-reduce of three independent ones (XLA:CPU
+  of jaxlib 0.10.2 does; of 0.7.0 does not, leaving one per array)."""
+  xs = [jax.device_put(jnp.ones((8, n)), NamedSharding(mesh, P(axis)))
+        for n in (1, 2, 3)]
+  with _compat.set_mesh(mesh):
+    compiled = jax.jit(lambda *xs: [x.sum(0) for x in xs]).lower(
+        *xs).compile()
+  outside = _hlo.count_collectives(compiled)['outside']['all-reduce']
+  assert outside in (1, 3), outside
+  return outside == 1
 
 
 def grad_checks(rec, mesh, pspecs, prefix, **options):
@@ -188,7 +207,7 @@ def update_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
         ps, state, _ = jstep(ps, state, bs)
     rec.record(f'{prefix}/update/k{k}', ps, ref_p, counts,
                param_specs=specs_of(ps), acc_specs=specs_of(state.acc),
-               want_specs=[str(s) for s in jax.tree.leaves(
+               want_specs=[spec_str(s) for s in jax.tree.leaves(
                    pspecs, is_leaf=lambda x: isinstance(x, P))])
 
 
@@ -498,6 +517,8 @@ def main(config):
     auto_checks(rec, mesh)
   else:
     raise SystemExit(f'unknown configuration {config!r}')
+  rec.out['xla'] = {'combines_all_reduces': combines_all_reduces(mesh,
+                                                                 'data')}
   print(json.dumps(rec.out))
 
 
