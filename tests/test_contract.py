@@ -6,6 +6,7 @@ hand-computed value), through the public ``accum_jax`` API only.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,7 @@ def _linen_setup(tx):
 
 
 def _nnx_setup(tx):
+  pytest.importorskip('flax', minversion='0.12.7')  # nnx_train_step's floor
   nnx = pytest.importorskip('flax.nnx')
   model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -180,6 +182,20 @@ def test_nested_accumulate_linen_train_step_names_the_rewrite(kind, match):
   with pytest.raises(TypeError, match=match):
     jax.jit(lambda s, b: accum_jax.linen_train_step(s, b, loss_fn))(state,
                                                                     batch)
+
+
+def test_nnx_train_step_below_its_flax_floor_names_it():
+  flax = pytest.importorskip('flax')
+  nnx = pytest.importorskip('flax.nnx')
+  if hasattr(nnx, 'as_pure'):
+    pytest.skip('flax >= 0.12.7 runs nnx_train_step (tests/test_flax_nnx.py)')
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  tx = accum_jax.accumulate(optax.sgd(0.1), 2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  with pytest.raises(ImportError, match=r'flax >= 0\.12\.7.*this flax is '
+                     + re.escape(flax.__version__)):
+    accum_jax.nnx_train_step(model, optimizer, small_batch(),
+                             lambda m, mb: jnp.mean(m(mb['x']) ** 2))
 
 
 @pytest.mark.parametrize('kind, match', NESTED, ids=[n for n, _ in NESTED])
