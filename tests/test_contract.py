@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import accum_jax
+from accum_jax import _compat
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -292,7 +293,7 @@ def test_bf16_gradients_match_multisteps():
 
 @pytest.mark.parametrize('k', [1, 4])
 def test_float64_value_and_aux_have_float64_precision(k):
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     # Thirds and sevenths: float32 rounding shows at ~1e-8 relative.
     x = jnp.arange(24, dtype=jnp.float64).reshape(8, 3) / 7.0
     batch = {'x': x, 'y': jnp.sin(jnp.arange(8, dtype=jnp.float64))}
