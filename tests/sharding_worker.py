@@ -145,19 +145,6 @@ def specs_of(tree):
   return [spec_str(x.sharding.spec) for x in jax.tree.leaves(tree)]
 
 
-def combines_all_reduces(mesh, axis):
-  """Whether XLA makes one all-reduce of three independent ones (XLA:CPU
-  of jaxlib 0.10.2 does; of 0.7.0 does not, leaving one per array)."""
-  xs = [jax.device_put(jnp.ones((8, n)), NamedSharding(mesh, P(axis)))
-        for n in (1, 2, 3)]
-  with _compat.set_mesh(mesh):
-    compiled = jax.jit(lambda *xs: [x.sum(0) for x in xs]).lower(
-        *xs).compile()
-  outside = _hlo.count_collectives(compiled)['outside']['all-reduce']
-  assert outside in (1, 3), outside
-  return outside == 1
-
-
 def grad_checks(rec, mesh, pspecs, prefix, **options):
   """value_and_grad (plain and token-weighted) for every k, vs full batch."""
   params, batch = make_params(), make_batch()
@@ -517,8 +504,8 @@ def main(config):
     auto_checks(rec, mesh)
   else:
     raise SystemExit(f'unknown configuration {config!r}')
-  rec.out['xla'] = {'combines_all_reduces': combines_all_reduces(mesh,
-                                                                 'data')}
+  rec.out['xla'] = {'combines_all_reduces': _hlo.combines_all_reduces(
+      mesh, 'data')}
   print(json.dumps(rec.out))
 
 
