@@ -69,3 +69,20 @@ def make_mesh(axis_shapes, axis_names, axis_types=None, **kwargs):
     axis_types = (jax.sharding.AxisType.Explicit,) * len(axis_names)
   return jax.make_mesh(axis_shapes, axis_names, axis_types=axis_types,
                        **kwargs)
+
+
+def enable_x64(new_val: bool = True):
+  """``jax.enable_x64(new_val)``, a context manager; missing on jax 0.7.0.
+
+  There it is ``jax.experimental.enable_x64`` (gone from jax 0.10.2).
+
+  Args:
+    new_val: whether 64-bit types are enabled inside the context.
+
+  Returns:
+    A context manager under which ``jax_enable_x64`` is ``new_val``.
+  """
+  if hasattr(jax, 'enable_x64'):
+    return jax.enable_x64(new_val)
+  from jax import experimental
+  return experimental.enable_x64(new_val)

@@ -363,6 +363,8 @@ def nnx_train_step(
     The loss, or ``(loss, aux)``, of the whole batch.
 
   Raises:
+    ImportError: flax is older than 0.12.7 (:func:`linen_train_step` works
+      from flax 0.11.0).
     TypeError: ``optimizer`` is not an ``nnx.Optimizer``, its ``tx`` is not
       an accumulate transform and no ``num_microbatches`` is given, or
       ``loss_fn`` returns the wrong structure.
@@ -404,6 +406,13 @@ def nnx_train_step(
     >>> int(rngs.dropout.count[...])
     4
   """
+  if not hasattr(nnx, 'as_pure'):
+    # Older NNX fails below with an unrelated message (nnx.split's graph=).
+    import flax
+    raise ImportError(
+        'accum_jax.nnx_train_step needs flax >= 0.12.7 (nnx.as_pure); this '
+        f'flax is {flax.__version__}: pip install "flax>=0.12.7" (which needs '
+        'jax >= 0.10.0), or use linen_train_step.')
   if not isinstance(optimizer, nnx.Optimizer):
     raise TypeError(
         'nnx_train_step expects an nnx.Optimizer, e.g. nnx.Optimizer(model, '

@@ -127,3 +127,27 @@ def count_collectives(compiled: Any, mesh: Any = None,
             counts[where][op] += 1
   return {where: {op: c[op] for op in COLLECTIVES}
           for where, c in counts.items()}
+
+
+def combines_all_reduces(mesh, axis):
+  """Whether XLA makes one all-reduce of three independent ones (XLA:CPU
+  of jaxlib 0.10.2 does; of 0.7.0 does not, leaving one per array).
+
+  Counts of all-reduces outside a loop depend on it. The size of ``axis``
+  must divide 8.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from accum_jax import _compat
+
+  xs = [jax.device_put(jnp.ones((8, n)), NamedSharding(mesh, P(axis)))
+        for n in (1, 2, 3)]
+  with _compat.set_mesh(mesh):
+    compiled = jax.jit(lambda *xs: [x.sum(0) for x in xs]).lower(
+        *xs).compile()
+  outside = count_collectives(compiled)['outside']['all-reduce']
+  assert outside in (1, 3), outside
+  return outside == 1

@@ -104,6 +104,7 @@ def estimate(mesh, params, batches, weighted, pspec=None, **options):
 def main():
   mesh = _compat.make_mesh((DEVICES,), ('data',))
   params, batches = make(0)
+  combines = _hlo.combines_all_reduces(mesh, 'data')
   unmasked = [dict(b, mask=np.ones_like(b['mask'])) for b in batches]
   out = {
       'rows': estimate(mesh, params, unmasked, weighted=False),
@@ -116,6 +117,7 @@ def main():
     out['fsdp_error'] = ''
   except ValueError as e:
     out['fsdp_error'] = str(e)
+  out['combines_all_reduces'] = combines
   print(json.dumps(out))
 
 

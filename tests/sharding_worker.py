@@ -135,8 +135,14 @@ def put(mesh, tree, specs):
                       tree, specs)
 
 
+def spec_str(spec):
+  """``P('data', None)``: as jax 0.10 prints a spec (0.7.0 wrote
+  ``PartitionSpec('data', None)``)."""
+  return 'P' + repr(tuple(spec))
+
+
 def specs_of(tree):
-  return [str(x.sharding.spec) for x in jax.tree.leaves(tree)]
+  return [spec_str(x.sharding.spec) for x in jax.tree.leaves(tree)]
 
 
 def grad_checks(rec, mesh, pspecs, prefix, **options):
@@ -188,7 +194,7 @@ def update_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
         ps, state, _ = jstep(ps, state, bs)
     rec.record(f'{prefix}/update/k{k}', ps, ref_p, counts,
                param_specs=specs_of(ps), acc_specs=specs_of(state.acc),
-               want_specs=[str(s) for s in jax.tree.leaves(
+               want_specs=[spec_str(s) for s in jax.tree.leaves(
                    pspecs, is_leaf=lambda x: isinstance(x, P))])
 
 
@@ -477,7 +483,7 @@ def auto_checks(rec, mesh):
                 axis_name='data')
   params, batch = make_params(), make_batch()
   want = jax.tree.map(lambda g: -g, jax.grad(loss_fn)(params, batch))
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     ps = put(mesh, params, jax.tree.map(lambda _: P(), params))
     bs = put(mesh, batch, jax.tree.map(lambda _: P('data'), batch))
     for k in KS:
@@ -538,6 +544,8 @@ def main(config):
     auto_checks(rec, mesh)
   else:
     raise SystemExit(f'unknown configuration {config!r}')
+  rec.out['xla'] = {'combines_all_reduces': _hlo.combines_all_reduces(
+      mesh, 'data')}
   print(json.dumps(rec.out))
 
 

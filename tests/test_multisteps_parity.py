@@ -279,12 +279,13 @@ def test_in_step_predicate_refused_on_a_mesh():
       import jax, jax.numpy as jnp, optax
       from jax.sharding import NamedSharding, PartitionSpec as P
       import accum_jax
-      mesh = jax.make_mesh((2,), ('data',))
+      from accum_jax import _compat
+      mesh = _compat.make_mesh((2,), ('data',))
       loss = lambda w, b: jnp.mean((b @ w) ** 2)
       tx = accum_jax.accumulate(optax.sgd(0.1), 2,
                                 should_skip_update_fn=optax.skip_not_finite)
       w = jnp.ones(3)
-      with jax.set_mesh(mesh):
+      with _compat.set_mesh(mesh):
         batch = jax.device_put(jnp.ones((8, 3)), NamedSharding(mesh, P('data')))
         try:
           jax.jit(accum_jax.value_and_update(loss, tx))(w, tx.init(w), batch)

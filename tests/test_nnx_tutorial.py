@@ -39,6 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+pytest.importorskip('flax', minversion='0.12.7')  # nnx_train_step's floor
+
 from flax import nnx
 from sklearn.datasets import load_digits
 
@@ -312,6 +315,7 @@ from flax import nnx
 import flax.linen as nn
 from flax.training import train_state
 import accum_jax
+from accum_jax import _compat
 from benchmarks import hlo
 
 k = 4
@@ -319,7 +323,7 @@ mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
 x = jax.random.normal(jax.random.key(0), (64, 16))
 batch = {'x': x, 'y': jnp.sin(x[:, :1])}
 out = {}
-with jax.set_mesh(mesh):
+with _compat.set_mesh(mesh):
   bs = jax.device_put(batch, NamedSharding(mesh, P('data')))
 
   def nnx_loss(model, b):

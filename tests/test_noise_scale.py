@@ -432,7 +432,15 @@ def test_mesh_matches_one_device_pieces(mesh_results, name):
   # and no more collectives after it than without tracking (with sharded
   # parameters the mean's squared norm joins the combined all-reduce).
   assert record['counts']['inside'] == NONE
-  assert record['counts'] == record['counts_off']
+  if mesh_results['combines_all_reduces']:
+    assert record['counts'] == record['counts_off']
+    return
+  # XLA:CPU of jaxlib 0.7.0 leaves one all-reduce per reduced array: the
+  # squared norms add theirs, after the loop; nothing else changes.
+  on, off = record['counts']['outside'], record['counts_off']['outside']
+  assert on['all-reduce'] > off['all-reduce']
+  assert {**on, 'all-reduce': 0} == {**off, 'all-reduce': 0}
+  assert record['counts_off']['inside'] == NONE
 
 
 def test_mesh_fsdp_per_microbatch_refuses(mesh_results):

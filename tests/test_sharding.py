@@ -68,9 +68,21 @@ def _data(record, where):
   return record['counts']['data'][where]
 
 
+# What a step reduces over the data axis: the worker's 3 gradient leaves, the
+# loss and the weight sum.
+ARRAYS = 3 + 2
+
+
+def _once(results, config, arrays=ARRAYS):
+  """The all-reduce ops of reducing ``arrays`` arrays once: one where XLA
+  combines them (the worker's probe; XLA:CPU of jaxlib 0.10.2 does), else one
+  per array (jaxlib 0.7.0)."""
+  return 1 if results[config]['xla']['combines_all_reduces'] else arrays
+
+
 @pytest.mark.parametrize('config', CONFIGS)
 def test_numbers_equal_one_device(results, config):
-  checked = [n for n in results[config] if n != 'errors']
+  checked = [n for n in results[config] if n not in ('errors', 'xla')]
   assert len(checked) >= 16
   for name in checked:
     _close(results[config][name], name)
@@ -83,7 +95,8 @@ def test_data_parallel_reduces_once_outside_the_loop(results, api, k):
   # One (combined) all-reduce per step, nothing in the loop, and no other
   # collective anywhere: the batch is never resharded.
   assert record['counts']['all']['inside'] == NONE
-  assert record['counts']['all']['outside'] == {**NONE, 'all-reduce': 1}
+  assert record['counts']['all']['outside'] == {
+      **NONE, 'all-reduce': _once(results, 'dp')}
   # Replicated parameters stay replicated.
   assert set(record['param_specs']) <= {'P()', 'P(None, None)', 'P(None,)'}
 
@@ -95,7 +108,7 @@ def test_auto_axes_named_reduce_once_outside_the_loop(results, api, k):
   # is split as on an explicit mesh: nothing in the loop, one all-reduce.
   counts = results['auto'][f'auto/{api}/k{k}']['counts']['all']
   assert counts['inside'] == NONE
-  assert counts['outside'] == {**NONE, 'all-reduce': 1}
+  assert counts['outside'] == {**NONE, 'all-reduce': _once(results, 'auto')}
 
 
 @pytest.mark.parametrize('k', KS)
@@ -124,7 +137,9 @@ def test_auto_axes_outside_jit_read_the_arrays_sharding(results):
 def test_named_axis_reduces_once(results, name):
   counts = results['dp'][name]['counts']['all']
   assert counts['inside'] == NONE
-  assert counts['outside'] == {**NONE, 'all-reduce': 1}
+  arrays = 2 + 2 if name == 'dp/linen' else ARRAYS  # nn.Dense: 2 leaves
+  assert counts['outside'] == {**NONE,
+                               'all-reduce': _once(results, 'dp', arrays)}
 
 
 @pytest.mark.parametrize('name', ('dp/naive', 'auto/unnamed'))
@@ -143,7 +158,7 @@ def test_fsdp_per_microbatch(results, api, k):
   # One reduce-scatter per sharded leaf per micro-batch, none outside.
   assert loop['reduce-scatter'] == 3
   assert inside['all-reduce'] == inside['all-to-all'] == 0
-  assert outside['all-reduce'] <= 1
+  assert outside['all-reduce'] <= _once(results, 'fsdp', 2)  # loss, weight
   want = ["P('data',)", "P('data', None)", "P(None, 'data')"]
   assert record.get('grad_specs', record.get('acc_specs')) == want
   if api == 'update':
@@ -157,7 +172,7 @@ def test_fsdp_per_step(results, api, k):
   assert _data(record, 'inside') == NONE
   outside = _data(record, 'outside')
   assert outside['reduce-scatter'] == 3
-  assert outside['all-reduce'] == 1
+  assert outside['all-reduce'] == _once(results, 'fsdp', 2)  # loss, weight
   assert outside['all-gather'] == 3  # the params, once per step
   want = ["P('data',)", "P('data', None)", "P(None, 'data')"]
   assert record.get('grad_specs', record.get('acc_specs')) == want
@@ -168,7 +183,8 @@ def test_fsdp_per_step(results, api, k):
 def test_2d_mesh_reduces_data_axis_once(results, api, k):
   record = results['2d'][f'tp/{api}/k{k}']
   assert _data(record, 'inside') == NONE
-  assert _data(record, 'outside') == {**NONE, 'all-reduce': 1}
+  assert _data(record, 'outside') == {**NONE,
+                                      'all-reduce': _once(results, '2d')}
   assert record.get('grad_specs', record.get('acc_specs')) == [
       "P('model',)", "P(None, 'model')", "P('model',)"]
 
