@@ -304,11 +304,9 @@ def test_one_compiled_step_runs_every_k():
   assert int(state.noise.windows) == 3  # the window of one piece gave none
 
 
-def test_flax_and_equinox_helpers_track_it():
-  nn = pytest.importorskip('flax.linen')
-  eqx = pytest.importorskip('equinox')
-  from flax.training import train_state
-  k, rows = 4, 8
+def one_window_reference(k=4, rows=8):
+  """A batch of k micro-batches, a tracking transform, and the estimate of
+  value_and_update after that one window (the helpers' reference)."""
   batch = regression_batch(jax.random.key(3), rows, k)
   batch = {'x': batch['x'], 'y': batch['y']}
   tx = accum_jax.accumulate(optax.sgd(0.0), k, track_noise_scale=True,
@@ -320,6 +318,14 @@ def test_flax_and_equinox_helpers_track_it():
   want = accum_jax.noise_scale(jax.jit(accum_jax.value_and_update(loss, tx))(
       W, tx.init(W), batch)[2])
   assert int(want.windows) == 1
+  return batch, tx, want
+
+
+def test_flax_and_equinox_helpers_track_it():
+  nn = pytest.importorskip('flax.linen')
+  eqx = pytest.importorskip('equinox')
+  from flax.training import train_state
+  batch, tx, want = one_window_reference()
 
   dense = nn.Dense(1, use_bias=False)
   params = {'params': {'kernel': W[:, None]}}
@@ -470,16 +476,7 @@ def test_nnx_optimizer_tracks_it():
   pytest.importorskip('flax', minversion='0.12.7')
   from flax import nnx
   k, rows = 4, 8
-  batch = regression_batch(jax.random.key(3), rows, k)
-  batch = {'x': batch['x'], 'y': batch['y']}
-  tx = accum_jax.accumulate(optax.sgd(0.0), k, track_noise_scale=True,
-                            noise_scale_decay=0.5)
-
-  def loss(w, b):
-    return 0.5 * jnp.mean((b['x'] @ w - b['y']) ** 2)
-
-  want = accum_jax.noise_scale(jax.jit(accum_jax.value_and_update(loss, tx))(
-      W, tx.init(W), batch)[2])
+  batch, tx, want = one_window_reference(k, rows)
 
   def make():
     model = nnx.Linear(D, 1, use_bias=False, rngs=nnx.Rngs(0))
