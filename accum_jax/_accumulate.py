@@ -684,6 +684,14 @@ def flush(
   return jax.lax.cond(state.count > 0, end, keep, None)
 
 
+def find_states(state: Any) -> list[AccumulateState]:
+  """Every ``AccumulateState`` in ``state``: itself, or those nested in it
+  (an ``optax.chain`` state, a Flax ``TrainState``)."""
+  return [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, AccumulateState))
+          if isinstance(x, AccumulateState)]
+
+
 def has_updated(state: Any) -> jax.Array:
   """Whether the last call ended a window (``optax.MultiSteps.has_updated``).
 
@@ -716,9 +724,7 @@ def has_updated(state: Any) -> jax.Array:
     >>> bool(accum_jax.has_updated(state))
     True
   """
-  found = [x for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, AccumulateState))
-           if isinstance(x, AccumulateState)]
+  found = find_states(state)
   if len(found) != 1:
     raise TypeError(
         'has_updated needs an AccumulateState, or an optimizer state holding '

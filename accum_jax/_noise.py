@@ -185,12 +185,8 @@ def check_decay(decay: Any) -> float:
 def _find_state(state: Any) -> Any:
   """The ``AccumulateState`` in ``state`` (itself, or one nested in e.g. a
   Flax ``TrainState``)."""
-  from accum_jax._accumulate import AccumulateState
-  if isinstance(state, AccumulateState):
-    return state
-  found = [x for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, AccumulateState))
-           if isinstance(x, AccumulateState)]
+  from accum_jax._accumulate import find_states  # it imports this module
+  found = find_states(state)
   if len(found) != 1:
     raise TypeError(
         'noise_scale expects the AccumulateState of an accum_jax.accumulate '
