@@ -545,11 +545,10 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   def body(carry, index):
     if num_real is None:
       return step(carry, index)
-    # The cond covers the whole carry update and its padding branch passes
-    # the carry through, so XLA adds the gradient into the carry in place. A
-    # cond returning the micro-batch's gradient (zeros for padding) gave that
-    # gradient a buffer of its own: a parameter-sized temporary in the loop.
-    # A padding micro-batch is not a micro-step: the skip info stays too.
+    # An unrolled loop over every micro-batch, padding ones passed through
+    # by a cond over the whole carry update. (XLA:GPU gives that cond's carry
+    # a buffer of its own; unrolling is for XLA:CPU, see docs/unroll.md.) A
+    # padding micro-batch is not a micro-step: the skip info stays too.
     return jax.lax.cond(index < num_real, step, padding, carry, index)
 
   info0 = (inp.skip_state if loop.should_skip_update_fn is not None
@@ -557,8 +556,11 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   # A no-op outside shard_map. On `step`: the cond in `body` needs a carry
   # that is already as device-varying as a real micro-batch makes it.
   init = _varying.match_carry(step, (sums0, inp.state, info0))
-  (sums, state, info), stacked = jax.lax.scan(
-      body, init, jnp.arange(k, dtype=jnp.int32), unroll=loop.unroll)
+  if num_real is None or loop.unroll != 1:
+    (sums, state, info), stacked = jax.lax.scan(
+        body, init, jnp.arange(k, dtype=jnp.int32), unroll=loop.unroll)
+  else:
+    (sums, state, info), stacked = _real_only(step, init, num_real, k)
   if loop.stack_aux:
     aux, weights = stacked
     sums = sums._replace(aux=aux, aux_weights=weights)
@@ -566,6 +568,35 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
     sums = sums._replace(aux_rows=_sums.rows_finish(sums.aux_rows,
                                                     loop.aux_axis))
   return Result(sums, state, shapes, info)
+
+
+def _real_only(step, init, num_real, k):
+  """``lax.scan(step, init, arange(k))`` over the first ``num_real``
+  micro-batches only: a ``while_loop`` that stops after the real ones, the
+  stacked outputs written into zeros of ``k`` rows. The padding micro-batches
+  are never computed, and with no cond in the body every compiler adds each
+  gradient into the carry in place (a cond per micro-batch held a second
+  parameter-sized carry on XLA:GPU: 1.24x the twin's peak on an H100)."""
+  stacked_like = jax.eval_shape(step, init, jax.ShapeDtypeStruct((),
+                                                                 jnp.int32))[1]
+  stacked0 = jax.tree.map(
+      lambda s: _varying.to_varying(jnp.zeros((k, *s.shape), s.dtype),
+                                    tuple(_varying.varying_axes(s))),
+      stacked_like)
+
+  @functools.partial(jax.named_call, name='accum_jax_microbatch')
+  def body(carry):
+    index, inner, stacked = carry
+    inner, out = step(inner, index)
+    stacked = jax.tree.map(
+        lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, index, 0),
+        stacked, out)
+    return index + 1, inner, stacked
+
+  _, carry, stacked = jax.lax.while_loop(
+      lambda c: c[0] < num_real, body,
+      (jnp.zeros([], jnp.int32), init, stacked0))
+  return carry, stacked
 
 
 def _check_rows(aux_like, rows: int, axis: int):
