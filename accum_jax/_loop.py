@@ -112,6 +112,12 @@ class Loop:
     return axes.pop() if len(axes) == 1 else 0
 
   @property
+  def lazy_skip_step(self) -> bool:
+    """Whether micro-batches are screened lazily (``'skip_step'``, no skip
+    predicate): their gradients' finiteness is read from the window's sum."""
+    return self.nonfinite == 'skip_step' and self.should_skip_update_fn is None
+
+  @property
   def screened(self) -> bool:
     """Whether a micro-batch's weight can differ from 1 (or it be dropped)."""
     return (self.weight_fn is not None or self.nonfinite != 'propagate'
@@ -515,7 +521,7 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
     if loop.screened:
       micro = _nonfinite.screen(loop.nonfinite, micro,
                                 weighted=loop.weight_fn is not None,
-                                lazy_skip_step=True, skip=skip)
+                                lazy_skip_step=loop.lazy_skip_step, skip=skip)
       dropped = None if micro.bad is None else micro.bad > 0
       if skip is not None:
         dropped = skip if dropped is None else dropped | skip

@@ -458,5 +458,6 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   # window's weight is >= k > 0: no empty-window guard (it costs memory).
   guard = loop.screened or inp.num_real is not None
   updates, opt_state = tx.config.finish_window(
-      summed, result.shapes.grads, inp.params, inner_args, guard=guard)
+      summed, result.shapes.grads, inp.params, inner_args, guard=guard,
+      check_sum=loop.lazy_skip_step)
   return value, updates, opt_state, result.state
