@@ -118,6 +118,25 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
 COND_PLATFORMS = ('cpu',)
 
 
+def _own_buffers(state: Any, params: Any) -> Any:
+  """``state`` with every concrete array leaf in a buffer of its own, apart
+  from each other and from ``params``: a fresh state is donated with the
+  params (``jax.jit(step, donate_argnums=(0, 1))``), and XLA refuses to
+  donate one buffer twice. An inner optimizer may return one array in two
+  places, or hold the params themselves (an anchor, as in EWC); those leaves
+  are copied. Under ``jit`` there is nothing to do."""
+  seen = {id(x) for x in jax.tree.leaves(params)}
+
+  def own(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      if id(x) in seen:
+        x = jnp.copy(x)
+      seen.add(id(x))
+    return x
+
+  return jax.tree.map(own, state)
+
+
 def _acc_leaves(acc: Any, params: Any):
   """``(path, accumulator leaf, param leaf or the accumulator leaf)``."""
   like = jax.tree.leaves(params) if params is not None else jax.tree.leaves(acc)
@@ -240,7 +259,7 @@ class AccumulateConfig:
   def init(self, params: optax.Params) -> 'AccumulateState':
     _checks.check_floating(params, 'Params')
     inner_state = self.inner.init(params)
-    return AccumulateState(
+    return _own_buffers(AccumulateState(
         count=jnp.zeros([], jnp.int32),
         # zeros_like keeps a sharded parameter's sharding (explicit axes).
         acc=jax.tree.map(
@@ -257,7 +276,7 @@ class AccumulateConfig:
                                              params),
         noise=(_noise.NoiseScaleState.zeros() if self.track_noise_scale
                else ()),
-    )
+    ), params)
 
   def update(self, grads: optax.Updates, state: 'AccumulateState',
              params: optax.Params | None = None, *, weight: Any = None,

@@ -78,9 +78,13 @@ class NoiseScaleState(NamedTuple):
 
   @classmethod
   def zeros(cls) -> 'NoiseScaleState':
-    zero = jnp.zeros([], jnp.float32)
-    return cls(Tally.zeros(), zero, zero, zero, jnp.zeros([], jnp.int32),
-               zero)
+    # One array per field: a state whose leaves share a buffer cannot be
+    # donated ("Attempt to donate the same buffer twice").
+    def zero():
+      return jnp.zeros([], jnp.float32)
+
+    return cls(Tally.zeros(), zero(), zero(), zero(),
+               jnp.zeros([], jnp.int32), zero())
 
 
 class NoiseScale(NamedTuple):
