@@ -26,7 +26,8 @@ class AccumulateState(NamedTuple):
     count: int32 scalar, micro-steps taken in the current window (``0 <= count
       < k`` between calls).
     acc: the weighted sum of the window's gradients, a pytree like the params,
-      in the accumulator dtype.
+      in the accumulator dtype; ``()`` with ``cross_step=False`` (the sum
+      lives only inside each in-step call).
     weight: float32 scalar, the sum of the window's weights.
     inner_state: the state of the inner optimizer.
     step: int32 scalar, windows ended so far (optimizer steps, skipped ones
@@ -80,6 +81,7 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
     use_grad_mean: whether ``inner`` sees the window's weighted mean (else
       its weighted sum).
     should_skip_update_fn: the skip predicate, or None.
+    cross_step: whether the state keeps the accumulator between calls.
   """
 
   __slots__ = ()
@@ -111,6 +113,10 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
   @property
   def should_skip_update_fn(self) -> Callable[..., Any] | None:
     return self.config.should_skip_update_fn
+
+  @property
+  def cross_step(self) -> bool:
+    return self.config.cross_step
 
 
 # The platforms whose windows are guarded by a lax.cond; elsewhere by selects
@@ -162,6 +168,8 @@ class AccumulateConfig:
       (should_skip, info)``, asked for every micro-step, or None.
     track_noise_scale: whether the state estimates the gradient noise scale.
     noise_scale_decay: the decay of its EMAs over windows.
+    cross_step: whether the state carries the accumulator between calls
+      (False: in-step drivers only, ``acc`` is ``()``).
   """
 
   inner: optax.GradientTransformationExtraArgs
@@ -172,6 +180,7 @@ class AccumulateConfig:
   should_skip_update_fn: Callable[..., Any] | None = None
   track_noise_scale: bool = False
   noise_scale_decay: float = 0.99
+  cross_step: bool = True
 
   def static_num_microbatches(self, who: str) -> int:
     """``k`` for a driver that needs a static window length."""
@@ -210,7 +219,14 @@ class AccumulateConfig:
           f'{who} expects an AccumulateState, got {type(state).__name__}. '
           'Create it with this transform\'s init.'
       )
-    if params is not None:
+    at_rest = not (isinstance(state.acc, tuple) and state.acc == ())
+    if at_rest != self.cross_step:
+      raise ValueError(
+          f'The AccumulateState {"holds" if at_rest else "has no"} '
+          'accumulator but this accumulate was built with cross_step='
+          f'{self.cross_step}. Create the state with this transform\'s init.'
+      )
+    if at_rest and params is not None:
       _checks.check_same_structure(params, state.acc, 'params', 'accumulator')
     tracked = _noise.tracked(state.noise)
     if tracked != self.track_noise_scale:
@@ -220,7 +236,8 @@ class AccumulateConfig:
           f'track_noise_scale={self.track_noise_scale}. Create the state with '
           'this transform\'s init.'
       )
-    for path, acc, like in _acc_leaves(state.acc, params):
+    for path, acc, like in (_acc_leaves(state.acc, params) if at_rest
+                            else ()):
       want = acc_dtype(jnp.result_type(like), self.accumulator_dtype)
       if jnp.result_type(acc) != want:
         raise ValueError(
@@ -230,7 +247,7 @@ class AccumulateConfig:
             f'{self.accumulator_dtype}). Create the state with this '
             'transform\'s init.'
         )
-    like = params if params is not None else state.acc
+    like = params if params is not None or not at_rest else state.acc
     try:
       inner_like = jax.eval_shape(self.inner.init, like)
     except Exception:  # noqa: BLE001 - an init that cannot run abstractly
@@ -256,16 +273,28 @@ class AccumulateConfig:
           'transform\'s init.'
       )
 
+  def check_cross_step(self, who: str) -> None:
+    """Raises for a cross-step call on a transform built for in-step use."""
+    if not self.cross_step:
+      raise ValueError(
+          f'{who} adds to an accumulator kept between calls, but this '
+          'accumulate was built with cross_step=False: its state holds none '
+          'and it is for the in-step drivers only (value_and_update, the Flax '
+          'and Equinox helpers). Build it with accumulate(inner, k) to call '
+          'tx.update once per micro-batch.'
+      )
+
   def init(self, params: optax.Params) -> 'AccumulateState':
     _checks.check_floating(params, 'Params')
     inner_state = self.inner.init(params)
+    # zeros_like keeps a sharded parameter's sharding (explicit axes).
+    acc = jax.tree.map(
+        lambda p: jnp.zeros_like(p, acc_dtype(jnp.result_type(p),
+                                              self.accumulator_dtype)),
+        params) if self.cross_step else ()
     return _own_buffers(AccumulateState(
         count=jnp.zeros([], jnp.int32),
-        # zeros_like keeps a sharded parameter's sharding (explicit axes).
-        acc=jax.tree.map(
-            lambda p: jnp.zeros_like(p, acc_dtype(jnp.result_type(p),
-                                                  self.accumulator_dtype)),
-            params),
+        acc=acc,
         weight=jnp.zeros([], jnp.float32),
         inner_state=inner_state,
         step=jnp.zeros([], jnp.int32),
@@ -282,6 +311,7 @@ class AccumulateConfig:
              params: optax.Params | None = None, *, weight: Any = None,
              end_window: Any = None,
              **extra_args: Any) -> tuple[optax.Updates, 'AccumulateState']:
+    self.check_cross_step('accumulate.update')
     self.check_state(state, params, 'accumulate.update')
     _checks.check_same_structure(grads, state.acc, 'grads', 'params')
     _checks.check_floating(grads, 'Gradient')
@@ -377,7 +407,8 @@ class AccumulateConfig:
           cast_like(mean, grads_like), state.inner_state, params, **extra_args)
       return updates, reset(
           self.end_noise(state, jnp.ones([], jnp.bool_)),
-          cast_like(inner_state, state.inner_state), updates)
+          cast_like(inner_state, state.inner_state), updates,
+          keep_acc=self.cross_step)
     # Memory: XLA gives a cond's output a buffer of its own unless a branch
     # passes an operand through, and never writes a branch's operand in
     # place. So the mean is taken before the cond (in the donated
@@ -446,7 +477,8 @@ class AccumulateConfig:
         **{platform: by_cond for platform in COND_PLATFORMS})
     updates = jax.tree.map(lambda o, u: o.astype(u.dtype), out, like)
     return updates, reset(state, inner_state, updates,
-                          skipped_step=state.window_nonfinite & ~ok)
+                          skipped_step=state.window_nonfinite & ~ok,
+                          keep_acc=self.cross_step)
 
   def end_noise(self, state: 'AccumulateState',
                 ok: jax.Array) -> 'AccumulateState':
@@ -466,7 +498,8 @@ def cast_like(tree: Any, like: Any) -> Any:
 
 
 def reset(state: AccumulateState, inner_state, updates, *,
-          skipped_step: jax.Array | None = None) -> AccumulateState:
+          skipped_step: jax.Array | None = None,
+          keep_acc: bool = True) -> AccumulateState:
   """A state at the start of a new window, after ``updates`` were computed.
 
   The zeroed accumulator is made to depend on ``updates`` through a select on
@@ -477,12 +510,15 @@ def reset(state: AccumulateState, inner_state, updates, *,
   on an MLP with fresh zeros, 1.00x with this).
 
   The window counter ``step`` advances by one; ``skipped_step`` (a bool)
-  adds to ``skipped_steps``.
+  adds to ``skipped_steps``. With ``keep_acc=False`` (``cross_step=False``)
+  the state keeps no accumulator: ``acc`` is ``()``.
   """
-  keep = jax.lax.optimization_barrier(jnp.zeros([], jnp.bool_))
-  acc = jax.tree.map(
-      lambda a, u: jnp.where(keep, u.astype(a.dtype), jnp.zeros_like(a)),
-      state.acc, updates)
+  acc = ()
+  if keep_acc:
+    keep = jax.lax.optimization_barrier(jnp.zeros([], jnp.bool_))
+    acc = jax.tree.map(
+        lambda a, u: jnp.where(keep, u.astype(a.dtype), jnp.zeros_like(a)),
+        state.acc, updates)
   skipped_steps = jnp.asarray(state.skipped_steps, jnp.int32)
   if skipped_step is not None:
     skipped_steps = skipped_steps + skipped_step.astype(jnp.int32)
@@ -551,6 +587,7 @@ def accumulate(
     should_skip_update_fn: Callable[..., Any] | None = None,
     track_noise_scale: bool = False,
     noise_scale_decay: float = 0.99,
+    cross_step: bool = True,
 ) -> AccumulateTransformation:
   r"""Accumulates gradients over ``k`` micro-steps, then applies ``inner`` once.
 
@@ -636,6 +673,17 @@ def accumulate(
       ``docs/noise_scale.md``.
     noise_scale_decay: the decay in ``[0, 1)`` of the estimator's EMAs over
       windows (bias-corrected).
+    cross_step: ``True`` (default): the state keeps the accumulator between
+      calls, so ``tx.update`` can be called once per micro-batch and an
+      in-step window can start from a part-full one. ``False``: for the
+      in-step drivers only (:func:`accum_jax.value_and_update`, the Flax and
+      Equinox helpers); the state holds no accumulator (``acc`` is ``()``),
+      so it holds no parameter-sized buffer beyond the inner optimizer's, and
+      each step sums its gradients in a buffer of its own, as a hand-written
+      loop does. That buffer exists only during the step, which lowers the
+      peak where an accumulator at rest raises it: ``k=1``, and a data
+      parallel mesh on XLA:GPU (see ``docs/architecture.md``).
+      ``tx.update`` and :func:`accum_jax.flush` then raise.
 
   Returns:
     An :class:`AccumulateTransformation` (an
@@ -674,6 +722,8 @@ def accumulate(
         'should_skip_update_fn must be a function (updates, gradient_step, '
         f'params) -> (should_skip, info), got {should_skip_update_fn!r}.'
     )
+  if not isinstance(cross_step, bool):
+    raise TypeError(f'cross_step must be a bool, got {cross_step!r}.')
   if not isinstance(track_noise_scale, bool):
     raise TypeError(
         f'track_noise_scale must be a bool, got {track_noise_scale!r}.')
@@ -682,7 +732,8 @@ def accumulate(
       accumulator_dtype, nonfinite, use_grad_mean=bool(use_grad_mean),
       should_skip_update_fn=should_skip_update_fn,
       track_noise_scale=track_noise_scale,
-      noise_scale_decay=_noise.check_decay(noise_scale_decay))
+      noise_scale_decay=_noise.check_decay(noise_scale_decay),
+      cross_step=cross_step)
   return AccumulateTransformation(config.init, config.update)
 
 
@@ -728,6 +779,7 @@ def flush(
         'flush needs a transform made by accum_jax.accumulate, got '
         f'{type(tx).__name__}.'
     )
+  tx.config.check_cross_step('flush')
   tx.config.check_state(state, params, 'flush')
   like = params if params is not None else state.acc
 

@@ -438,7 +438,7 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   if loop.should_skip_update_fn is not None:
     inp = inp._replace(gradient_step=opt_state.step,
                        skip_state=opt_state.skip_state)
-  result = run(loop, inp, opt_state.acc)
+  result = run(loop, inp, opt_state.acc if tx.config.cross_step else None)
   sums = result.sums
   noise = opt_state.noise
   if sums.noise is not None:
