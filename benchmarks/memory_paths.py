@@ -53,9 +53,9 @@ def weight_fn(microbatch):
 
 
 def accum_step(inner, k, *, apply=True, weighted=False, ragged=False,
-               nonfinite='propagate', noise=False):
+               nonfinite='propagate', noise=False, cross_step=True):
   tx = accum_jax.accumulate(inner, k, nonfinite=nonfinite,
-                            track_noise_scale=noise)
+                            track_noise_scale=noise, cross_step=cross_step)
   grad_step = accum_jax.value_and_update(
       loss_fn, tx, weight_fn=weight_fn if weighted else None)
 
@@ -139,6 +139,14 @@ def rows(k=8, apply=True):
       ('track_noise_scale=True (vs plain twin)',
        accum_step(inner, k, apply=apply, noise=True), plain(), ()),
       ('k=1 (vs full batch)', accum_step(inner, 1, apply=apply),
+       full_batch_step(inner, apply=apply), ()),
+      ('cross_step=False', accum_step(inner, k, apply=apply,
+                                      cross_step=False), plain(), ()),
+      ('cross_step=False, weight_fn=',
+       accum_step(inner, k, apply=apply, weighted=True, cross_step=False),
+       plain(weighted=True), ()),
+      ('cross_step=False, k=1 (vs full batch)',
+       accum_step(inner, 1, apply=apply, cross_step=False),
        full_batch_step(inner, apply=apply), ()),
   ]
 
