@@ -91,6 +91,7 @@ def filter_value_and_grad(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    param_specs: Any = None,
 ) -> Callable[..., Any]:
   """A micro-batched drop-in for ``eqx.filter_value_and_grad(loss_fn)``.
 
@@ -134,6 +135,7 @@ def filter_value_and_grad(
     mesh: as in :func:`accum_jax.value_and_grad`.
     axis_name: as in :func:`accum_jax.value_and_grad`.
     fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
+    param_specs: as in :func:`accum_jax.value_and_grad`.
 
   Returns:
     ``f(model, *args, **kwargs)`` returning ``(value, grads)``.
@@ -160,7 +162,8 @@ def filter_value_and_grad(
       loss_fn, _checks.check_num_microbatches(num_microbatches),
       has_aux=has_aux, weight_fn=weight_fn,
       accumulator_dtype=accumulator_dtype, stack_aux=stack_aux, remat=remat,
-      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce)
+      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
+      param_specs=param_specs)
 
   def f(model, *args, **kwargs):
     bound, inp = _bind(loop, loss_fn, argnums, model, args, kwargs,
@@ -184,6 +187,7 @@ def filter_value_and_update(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    param_specs: Any = None,
 ) -> Callable[..., Any]:
   """One optimizer step of an Equinox model, micro-batched in a scan.
 
@@ -211,6 +215,7 @@ def filter_value_and_update(
     mesh: as in :func:`accum_jax.value_and_grad`.
     axis_name: as in :func:`accum_jax.value_and_grad`.
     fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
+    param_specs: as in :func:`accum_jax.value_and_grad`.
 
   Returns:
     ``f(model, opt_state, *args, **kwargs)`` returning ``(value, updates,
@@ -251,7 +256,7 @@ def filter_value_and_update(
   loop = _scan.for_transform(
       tx, loss_fn, who, has_aux=has_aux, weight_fn=weight_fn,
       stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce)
+      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
 
   def f(model, opt_state, *args, **kwargs):
     bound, inp = _bind(loop, loss_fn, argnums, model, args, kwargs, who)

@@ -109,6 +109,7 @@ def linen_train_step(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    param_specs: Any = None,
     unroll: int | bool = 1,
 ) -> tuple[Any, Any]:
   """One optimizer step of a Linen ``TrainState``, micro-batched in a scan.
@@ -177,6 +178,7 @@ def linen_train_step(
     axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
       it for a mesh with ``AxisType.Auto`` axes).
     fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
+    param_specs: as in :func:`accum_jax.value_and_grad`.
     unroll: micro-batches per loop iteration, as in
       :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
 
@@ -223,7 +225,7 @@ def linen_train_step(
                    'linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
                    stack_aux=stack_aux, remat=remat, has_state=bool(names),
                    mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
-                   unroll=unroll)
+                   param_specs=param_specs, unroll=unroll)
   _check_opt_state(tx, state.opt_state, 'state')
   model_state = ({name: getattr(state, name) for name in names} if names
                  else None)
@@ -292,6 +294,7 @@ def nnx_train_step(
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
+    param_specs: Any = None,
     unroll: int | bool = 1,
     **kwargs: Any,
 ) -> Any:
@@ -355,6 +358,7 @@ def nnx_train_step(
     axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
       it for a mesh with ``AxisType.Auto`` axes).
     fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
+    param_specs: as in :func:`accum_jax.value_and_grad`.
     unroll: micro-batches per loop iteration, as in
       :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
     **kwargs: extra keyword arguments of ``loss_fn``.
@@ -455,7 +459,7 @@ def nnx_train_step(
                    'nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
                    stack_aux=stack_aux, remat=remat, has_state=stateful,
                    mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
-                   unroll=unroll)
+                   param_specs=param_specs, unroll=unroll)
   _check_opt_state(tx, opt_state, 'optimizer')
   value, updates, opt_state, new_rest = _scan.optimizer_step(
       loop, tx, _loop.inputs(loop, params, batch, args, kwargs,

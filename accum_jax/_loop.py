@@ -64,6 +64,8 @@ class Loop:
     concat_aux: return every row's aux in the batch's row order.
     track_noise_scale: add each micro-batch gradient's squared norm to the
       sums (the noise scale estimator's tally).
+    param_specs: the parameters' shardings where their types do not say
+      (Auto mesh axes), or None.
   """
 
   loss_fn: Callable[..., Any]
@@ -85,6 +87,7 @@ class Loop:
   per_example_fn: Callable[[Any], Any] | None = None
   concat_aux: bool = False
   track_noise_scale: bool = False
+  param_specs: Any = None
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)

@@ -35,7 +35,8 @@ def run(loop: _loop.Loop, inp: _loop.Inputs,
     _check_not_split(loop, inp.batch)
     return _loop.scan(loop, inp, start)
   plan = _sharding.plan(loop.mesh, loop.axis_name, loop.fsdp_reduce,
-                        inp.params, inp.batch, loop.num_microbatches)
+                        inp.params, inp.batch, loop.num_microbatches,
+                        loop.param_specs)
   if plan is None:
     return _loop.scan(loop, inp, start)
   if loop.should_skip_update_fn is not None:
@@ -102,6 +103,7 @@ def value_and_grad(
     in_axes: int | Sequence[int] = 0,
     per_example_fn: Callable[[Any], Any] | None = None,
     concat_aux: bool = False,
+    param_specs: Any = None,
 ) -> Callable[..., Any]:
   r"""A micro-batched drop-in for ``jax.value_and_grad(loss_fn)``.
 
@@ -219,6 +221,13 @@ def value_and_grad(
     per_example_fn: a function of one example's gradient returning a
       gradient of the same structure and shapes (see above), or None.
     concat_aux: return every row's aux in row order (see above).
+    param_specs: on a mesh whose batch axes are ``AxisType.Auto``, the
+      parameters' shardings, which their types under ``jit`` do not carry:
+      a ``PartitionSpec`` (or ``NamedSharding``) for all, or a pytree of
+      them like the params (e.g. the ``in_shardings`` given to ``jit``).
+      Without it such parameters enter the per-device loop replicated over
+      the batch axes, and a warning says so; ``P()`` declares them
+      replicated. Under Explicit axes they are read from the types.
 
   Returns:
     ``f(params, batch, *args, **kwargs)`` returning ``(value, grads)`` or
@@ -257,7 +266,8 @@ def value_and_grad(
       accumulator_dtype=accumulator_dtype, stack_aux=stack_aux, remat=remat,
       mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce, unroll=unroll,
       batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
-      per_example_fn=per_example_fn, concat_aux=concat_aux)
+      per_example_fn=per_example_fn, concat_aux=concat_aux,
+      param_specs=param_specs)
 
   def f(params, *args, **kwargs):
     result = run(loop, _loop.call_inputs(loop, params, args, kwargs))
@@ -284,6 +294,7 @@ def value_and_update(
     in_axes: int | Sequence[int] = 0,
     per_example_fn: Callable[[Any], Any] | None = None,
     concat_aux: bool = False,
+    param_specs: Any = None,
 ) -> Callable[..., Any]:
   """One optimizer step over a whole batch, micro-batched in one ``lax.scan``.
 
@@ -329,6 +340,7 @@ def value_and_update(
     in_axes: as in :func:`value_and_grad`.
     per_example_fn: as in :func:`value_and_grad`.
     concat_aux: as in :func:`value_and_grad`.
+    param_specs: as in :func:`value_and_grad`.
 
   Returns:
     ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
@@ -367,7 +379,8 @@ def value_and_update(
       stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
       fsdp_reduce=fsdp_reduce, unroll=unroll,
       batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
-      per_example_fn=per_example_fn, concat_aux=concat_aux)
+      per_example_fn=per_example_fn, concat_aux=concat_aux,
+      param_specs=param_specs)
 
   def f(params, opt_state, *args, **kwargs):
     extra_args = None

@@ -174,8 +174,11 @@ def _auto_axes_hint(mesh, batch, num_microbatches) -> str | None:
 
 def _param_spec(leaf, axes) -> P:
   spec = _known_spec(leaf)
-  if spec is None:
-    return P()
+  return P() if spec is None else _batch_spec(spec, axes)
+
+
+def _batch_spec(spec: P, axes) -> P:
+  """``spec`` with only the batch ``axes`` kept."""
   entries = []
   for entry in spec:
     kept = tuple(a for a in _axes_tuple(entry) if a in axes)
@@ -185,6 +188,59 @@ def _param_spec(leaf, axes) -> P:
   return P(*entries)
 
 
+def _given_specs(param_specs, params, axes) -> Any:
+  """``param_specs`` (a ``PartitionSpec`` or ``NamedSharding``, or a pytree
+  of them that is a prefix of ``params``) as one batch-axes spec per leaf."""
+  def is_spec(x):
+    return isinstance(x, (P, NamedSharding))
+
+  def spread(spec, sub):
+    if not is_spec(spec):
+      raise TypeError(
+          'param_specs must hold PartitionSpecs or NamedShardings (one for '
+          'all parameters, or a pytree like the params), got '
+          f'{type(spec).__name__}.')
+    spec = spec.spec if isinstance(spec, NamedSharding) else spec
+    return jax.tree.map(lambda leaf: _checked_spec(spec, leaf, axes), sub)
+
+  try:
+    return jax.tree.map(spread, param_specs, params, is_leaf=is_spec)
+  except ValueError as e:
+    raise ValueError(
+        'param_specs must be one spec for all parameters or a pytree like '
+        f'the params (or a prefix of it): {e}') from e
+
+
+def _checked_spec(spec: P, leaf, axes) -> P:
+  if len(spec) > np.ndim(leaf):
+    raise ValueError(
+        f'param_specs: {spec} has {len(spec)} entries for a parameter of '
+        f'shape {np.shape(leaf)}.')
+  return _batch_spec(spec, axes)
+
+
+def _hidden_params_hint(mesh, axes, params) -> str | None:
+  """The warning for parameters whose sharding over Auto batch axes is not
+  visible under jit (they would enter the loop replicated), or None."""
+  types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+  if not all(types.get(a) == AxisType.Auto for a in axes):
+    return None
+  if not any(isinstance(p, jax.core.Tracer) and np.ndim(p)
+             for p in jax.tree.leaves(params)):
+    return None  # concrete params: their shardings were read
+  return (
+      f'accum_jax: the batch axes {axes} are Auto, so under jit the '
+      'parameters\' shardings are not visible and they enter the per-device '
+      'loop replicated over them: a parameter sharded over these axes (FSDP) '
+      'is gathered whole on every device for the whole step. Pass '
+      'param_specs= (their PartitionSpecs, or NamedShardings as given to '
+      'jit; param_specs=P() for replicated parameters silences this), use '
+      'Explicit mesh axes, or axis_name=() to leave the placement to the '
+      'partitioner (which on GPU and TPU gathers per micro-batch and moves a '
+      'data-parallel reduction after the loop). See docs/scaling.md.'
+  )
+
+
 def plan(
     mesh: Any,
     axis_name: Any,
@@ -192,11 +248,13 @@ def plan(
     params: Any,
     batch: Any,
     num_microbatches: int,
+    param_specs: Any = None,
 ) -> Plan | None:
   """Decides whether and how to split the loop over the mesh.
 
   Returns ``None`` (run the plain scan) when there is no mesh, or the batch
-  is not sharded over any axis of size > 1.
+  is not sharded over any axis of size > 1. ``param_specs`` gives the
+  parameters' shardings where their types do not (Auto axes).
   """
   if fsdp_reduce not in FSDP_REDUCE:
     raise ValueError(
@@ -239,10 +297,15 @@ def plan(
         f'{num_shards * num_microbatches}.'
     )
   if inside:
-    param_specs = jax.tree.map(lambda _: P(), params)
+    specs = jax.tree.map(lambda _: P(), params)
+  elif param_specs is not None:
+    specs = _given_specs(param_specs, params, axes)
   else:
-    param_specs = jax.tree.map(lambda p: _param_spec(p, axes), params)
-  return Plan(mesh, axes, num_shards, param_specs, fsdp_reduce, inside)
+    hint = _hidden_params_hint(mesh, axes, params)
+    if hint is not None:
+      warnings.warn(hint, UserWarning, stacklevel=2)
+    specs = jax.tree.map(lambda p: _param_spec(p, axes), params)
+  return Plan(mesh, axes, num_shards, specs, fsdp_reduce, inside)
 
 
 @jax.custom_vjp

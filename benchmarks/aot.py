@@ -222,10 +222,11 @@ def lm_twin(inner, k, param_shardings):
   return step, inner.init
 
 
-def lm_accum(inner, k, axis_name, cross_step=True):
+def lm_accum(inner, k, axis_name, cross_step=True, param_specs=None):
   tx = accum_jax.accumulate(inner, k, cross_step=cross_step)
   grad_step = accum_jax.value_and_update(token_mean, tx, weight_fn=token_count,
-                                         axis_name=axis_name)
+                                         axis_name=axis_name,
+                                         param_specs=param_specs)
 
   def step(params, opt_state, batch):
     loss, updates, opt_state = grad_step(params, opt_state, batch)
@@ -293,12 +294,15 @@ def lm_rows(devices, layouts=None, only=None):
     pspec = fsdp_spec if fsdp else replicated
     params_in = placed(params, mesh, pspec)
     shardings = jax.tree.map(lambda s: s.sharding, params_in)
+    # On Auto axes the params' shardings are hidden under jit: they are
+    # declared, as a MaxText user passes the jit's in_shardings.
+    axis = 'data' if n > 1 else None
+    declared = shardings if kind == 'auto' and n > 1 else None
     contenders = {
         'twin': lm_twin(inner, cfg['k'], shardings if fsdp else None),
-        'accum_jax': lm_accum(inner, cfg['k'], 'data' if n > 1 else None),
-        'cross_step=False': lm_accum(inner, cfg['k'],
-                                     'data' if n > 1 else None,
-                                     cross_step=False),
+        'accum_jax': lm_accum(inner, cfg['k'], axis, param_specs=declared),
+        'cross_step=False': lm_accum(inner, cfg['k'], axis, cross_step=False,
+                                     param_specs=declared),
         'full batch': lm_full(inner),
     }
     if only:

@@ -145,7 +145,7 @@ def specs_of(tree):
   return [spec_str(x.sharding.spec) for x in jax.tree.leaves(tree)]
 
 
-def grad_checks(rec, mesh, pspecs, prefix, **options):
+def grad_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
   """value_and_grad (plain and token-weighted) for every k, vs full batch."""
   params, batch = make_params(), make_batch()
   want = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
@@ -153,7 +153,7 @@ def grad_checks(rec, mesh, pspecs, prefix, **options):
   with _compat.set_mesh(mesh):
     ps = put(mesh, params, pspecs)
     bs = put(mesh, batch, jax.tree.map(lambda _: P(rec.data_axes), batch))
-    for k in KS:
+    for k in ks:
       f = accum_jax.value_and_grad(loss_fn, k, **options)
       got, counts = rec.run(f, ps, bs)
       rec.record(f'{prefix}/grad/k{k}', got, want, counts,
@@ -506,6 +506,23 @@ def auto_checks(rec, mesh):
     plan = _sharding.plan(None, None, 'per_microbatch', ps, bs, k)
     rec.record('auto/eager', updates, want, axes=list(plan.axes),
                warnings=[str(w.message) for w in caught])
+    # Under jit the params' shardings are hidden too: named batch axes warn
+    # until param_specs declares them.
+    want_grad = jax.value_and_grad(loss_fn)(params, batch)
+    for name, opts in (('hidden', {}), ('declared', {'param_specs': P()})):
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        got, counts = rec.run(accum_jax.value_and_grad(
+            loss_fn, k, axis_name='data', **opts), ps, bs)
+      rec.record(f'auto/params_{name}', got, want_grad, counts,
+                 warnings=[str(w.message) for w in caught])
+  # FSDP on Auto axes (MaxText's convention), its specs declared: the
+  # params stay sharded, gathered per micro-batch.
+  fsdp = {'w1': P('data'), 'b1': P('data'), 'w2': P(None, 'data')}
+  grad_checks(rec, mesh, fsdp, 'auto_fsdp', ks=(1, 4), axis_name='data',
+              param_specs=fsdp)
+  update_checks(rec, mesh, fsdp, 'auto_fsdp', ks=(1, 4), axis_name='data',
+                param_specs=fsdp)
 
 
 def main(config):

@@ -126,6 +126,39 @@ def test_auto_axes_unnamed_warns_with_the_fix(results, k):
   assert silenced['counts'] == record['counts']
 
 
+def test_auto_axes_hidden_params_warn_with_the_fix(results):
+  record = results['auto']['auto/params_hidden']
+  (warning,) = record['warnings']
+  assert warning.startswith("accum_jax: the batch axes ('data',) are Auto")
+  assert 'gathered whole on every device' in warning
+  assert 'param_specs=' in warning and 'axis_name=()' in warning
+  declared = results['auto']['auto/params_declared']
+  assert declared['warnings'] == []
+  assert declared['counts'] == record['counts']
+
+
+@pytest.mark.parametrize('k', (1, 4))
+@pytest.mark.parametrize('api', ('grad', 'update'))
+def test_auto_axes_fsdp_stays_sharded(results, api, k):
+  """FSDP on Auto axes with param_specs: as on Explicit axes, the gradients
+  reduce-scattered per micro-batch, the accumulator and the params sharded
+  (the numbers: test_numbers_equal_one_device)."""
+  record = results['auto'][f'auto_fsdp/{api}/k{k}']
+  inside, outside = _data(record, 'inside'), _data(record, 'outside')
+  loop = inside if k > 1 else outside  # XLA drops a one-trip loop
+  # One reduce-scatter per sharded leaf per micro-batch (where XLA:CPU
+  # gathers the loop-invariant params is its own choice; the GPU and TPU
+  # compilers gather per micro-batch, tests/test_aot.py).
+  assert loop['reduce-scatter'] == 3
+  if k > 1:
+    assert outside['reduce-scatter'] == 0
+  # Under Auto axes jax drops a spec's trailing Nones: P('data', None) is
+  # P('data',).
+  want = ["P('data',)", "P('data',)", "P(None, 'data')"]
+  assert record.get('grad_specs', record.get('acc_specs')) == want
+  assert record['param_specs'] == want
+
+
 def test_auto_axes_outside_jit_read_the_arrays_sharding(results):
   record = results['auto']['auto/eager']
   assert record['axes'] == ['data']
