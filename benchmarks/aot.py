@@ -235,6 +235,20 @@ def lm_accum(inner, k, axis_name, cross_step=True, param_specs=None):
   return step, tx.init
 
 
+def lm_micro_step(tx):
+  """One cross-step call on one micro-batch (``optax.MultiSteps`` or
+  ``accumulate``'s ``tx.update``), weighted by its token count."""
+  takes_weight = isinstance(tx, accum_jax.AccumulateTransformation)
+
+  def step(params, opt_state, microbatch):
+    loss, grads = jax.value_and_grad(token_mean)(params, microbatch)
+    extra = {'weight': token_count(microbatch)} if takes_weight else {}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return loss, optax.apply_updates(params, updates), opt_state
+
+  return step, tx.init
+
+
 def lm_full(inner):
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(token_mean)(params, batch)
@@ -265,6 +279,8 @@ def fsdp_spec(s):
   dim = int(np.argmax(s.shape))
   return P(*[('data' if i == dim else None) for i in range(len(s.shape))])
 
+
+CROSS_STEP = ('optax.MultiSteps', 'accum_jax cross-step')
 
 LAYOUTS = (('one device', 1, 'explicit', False),
            ('data parallel, Auto axes', None, 'auto', False),
@@ -304,14 +320,22 @@ def lm_rows(devices, layouts=None, only=None):
         'cross_step=False': lm_accum(inner, cfg['k'], axis, cross_step=False,
                                      param_specs=declared),
         'full batch': lm_full(inner),
+        # Cross-step contenders: one call per micro-batch (1/k of the batch).
+        'optax.MultiSteps': lm_micro_step(optax.MultiSteps(inner, cfg['k'])),
+        'accum_jax cross-step': lm_micro_step(
+            accum_jax.accumulate(inner, cfg['k'])),
     }
     if only:
       contenders = {w: c for w, c in contenders.items() if w in only}
     row = {'layout': name, 'devices': n}
     for who, (step, init) in contenders.items():
       opt_state = jax.eval_shape(init, params)
+      data = batch
+      if who in CROSS_STEP:
+        data = jax.tree.map(lambda b: jax.ShapeDtypeStruct(
+            (b.shape[0] // cfg['k'], *b.shape[1:]), b.dtype), batch)
       args = (params_in, placed(opt_state, mesh, state_spec(pspec)),
-              placed(batch, mesh, batch_spec))
+              placed(data, mesh, batch_spec))
       start = time.perf_counter()
       try:
         row[who] = figures(compile_step(step, args, mesh), mesh)
@@ -361,9 +385,10 @@ def markdown(result):
               'MiB; collectives along the data axis in the loop / after it.',
               '',
               '| layout | accum_jax | cross_step=False | twin | full batch | '
+              'MultiSteps (1 call) | accum_jax cross-step (1 call) | '
               'accum / twin | cross_step=False / twin | accum / full | '
               'accum_jax in loop / after | twin in loop / after |',
-              '|---|---:|---:|---:|---:|---:|---:|---:|---|---|']
+              '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|']
     for r in result['lm']:
       def cell(w, r=r):
         if w not in r:
@@ -379,7 +404,8 @@ def markdown(result):
       lines.append(
           f"| {r['layout']} | {cell('accum_jax')} | "
           f"{cell('cross_step=False')} | {cell('twin')} | "
-          f"{cell('full batch')} | {r['ratio']:.3f} | "
+          f"{cell('full batch')} | {cell('optax.MultiSteps')} | "
+          f"{cell('accum_jax cross-step')} | {r['ratio']:.3f} | "
           f"{r['in_step_ratio']:.3f} | "
           f"{r['vs_full']:.3f} | {coll('accum_jax')} | "
           f"{coll('twin')} |")
