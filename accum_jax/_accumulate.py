@@ -359,7 +359,30 @@ class AccumulateConfig:
     def end(_):
       return self.finish_window(summed, grads, params, extra_args)
 
-    return jax.lax.cond(ends, end, mid, None)
+    def by_cond(_):
+      return jax.lax.cond(ends, end, mid, None)
+
+    def by_loop(_):
+      # XLA:GPU and XLA:TPU copy what a cond branch passes through: the whole
+      # state on every micro-step that does not end a window (1.91x
+      # optax.MultiSteps' peak on an H100, 4096x6 MLP with adam). A
+      # while_loop that runs once at a window's end, and not at all
+      # otherwise, updates its carry in place.
+      like = jax.eval_shape(end, None)[0]
+
+      def once(carry):
+        _, _, st = carry
+        updates, st = self.finish_window(st, grads, params, extra_args)
+        return jnp.zeros([], jnp.bool_), updates, cast_like(st, summed)
+
+      zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), like)
+      _, updates, new_state = jax.lax.while_loop(
+          lambda carry: carry[0], once, (ends, zeros, summed))
+      return updates, new_state
+
+    return jax.lax.platform_dependent(
+        None, default=by_loop,
+        **{platform: by_cond for platform in COND_PLATFORMS})
 
   def zero_updates(self, grads_like: Any, inner_state: Any,
                    params: optax.Params | None,

@@ -265,3 +265,40 @@ def test_ragged_window_stacks_zeros_for_padding(unroll):
       value, sum(w * float(linear_loss(params, mb))
                  for w, mb in zip(weights, parts)) / weights.sum(),
       rtol=1e-6)
+
+
+@pytest.mark.parametrize('case,nonfinite', [
+    (case, policy) for case in ('nan', 'empty', 'clean')
+    for policy in ('propagate', 'skip_microbatch', 'skip_step')
+    if (case, policy) != ('nan', 'propagate')])
+def test_cross_step_loop_gives_the_cond_numbers(case, nonfinite,
+                                                monkeypatch):
+  """Cross-step, XLA:GPU and XLA:TPU end a window in a while_loop that runs
+  once (forced here on the CPU): the numbers of XLA:CPU's cond, mid-window
+  zeros included, over two windows and an early end."""
+  params = linear_params()
+  batch = _poisoned(jnp.nan, 5) if case == 'nan' else linear_batch()
+  parts = [microbatch(batch, j, K) for j in range(K)]
+  parts += [microbatch(linear_batch(seed=1), j, K) for j in range(K - 1)]
+  weights = [jnp.zeros([]) if case == 'empty' else _count(mb) for mb in parts]
+
+  def run():
+    tx = accum_jax.accumulate(optax.adam(LR), K, nonfinite=nonfinite)
+    update = jax.jit(tx.update)
+    state, out = tx.init(params), []
+    for j, (mb, w) in enumerate(zip(parts, weights)):
+      grads = jax.grad(linear_loss)(params, mb)
+      end = jnp.asarray(j == len(parts) - 1)  # the second window ends early
+      updates, state = update(grads, state, params, weight=w, end_window=end)
+      out.append(updates)
+    return out, state
+
+  by_cond = run()
+  monkeypatch.setattr(_accumulate, 'COND_PLATFORMS', ())
+  by_loop = run()
+  assert_trees_close(by_loop, by_cond, rtol=1e-6, atol=1e-9)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for j in (0, 1, 2, 4, 5):  # mid-window calls: exact zeros
+    assert_trees_equal(by_loop[0][j], zeros)
+  assert int(by_loop[1].step) == 2 and int(by_loop[1].count) == 0
+  assert int(by_loop[1].skipped_steps) == int(by_cond[1].skipped_steps)

@@ -1,0 +1,17 @@
+"""A pytest plugin: the formulations accum_jax lowers for GPUs and TPUs, run
+on this CPU.
+
+accum_jax picks some formulations per platform with
+``lax.platform_dependent`` (the window guard, the cross-step window end; see
+docs/architecture.md). XLA:CPU gets the ``cpu`` branch, so the main suite
+never runs the others. With ``-p tests._accelerator_branches`` every platform
+takes the default (GPU and TPU) branch, and the suite's references check its
+numbers (``.ci/run`` does this for the files that drive the transform).
+Importing the module changes nothing; loading it as a plugin does.
+"""
+
+
+def pytest_configure(config):
+  del config
+  from accum_jax import _accumulate  # pylint: disable=g-import-not-at-top
+  _accumulate.COND_PLATFORMS = ()
