@@ -123,6 +123,33 @@ def path_rows(devices, k=8):
   return rows
 
 
+def cross_step_row(devices, k=8):
+  """One cross-step call (a micro-batch of 32 rows) of ``optax.MultiSteps``
+  and of ``accumulate``'s ``tx.update``, on the path table's MLP."""
+  mesh = mesh_for(devices[:1], 'explicit')
+  params, batch = memory_paths.setup(width=4096, depth=6, batch_size=32)
+  inner = optax.adam(1e-3)
+  row = {'param_mib': sum(
+      np.prod(p.shape) * 4 for p in jax.tree.leaves(params)) / MIB}
+  for who, tx in (('optax.MultiSteps', optax.MultiSteps(inner, k)),
+                  ('accum_jax', accum_jax.accumulate(inner, k))):
+
+    def step(params, opt_state, microbatch, tx=tx):
+      loss, grads = jax.value_and_grad(memory_paths.loss_fn)(params,
+                                                             microbatch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return loss, optax.apply_updates(params, updates), opt_state
+
+    opt_state = jax.eval_shape(tx.init, params)
+    args = [placed(x, mesh, replicated) for x in (params, opt_state, batch)]
+    row[who] = figures(compile_step(step, args, mesh))
+  row['ratio'] = row['accum_jax']['peak'] / row['optax.MultiSteps']['peak']
+  print(f"  cross-step call: {row['accum_jax']['peak']:.1f} / "
+        f"{row['optax.MultiSteps']['peak']:.1f} MiB = {row['ratio']:.3f}",
+        flush=True)
+  return row
+
+
 # -- the LM table -----------------------------------------------------------
 
 LM = dict(layers=4, dim=1024, heads=8, vocab=32768, seq=512, per_device=8,
@@ -379,6 +406,13 @@ def markdown(result):
       lines.append(f"| {r['path']} | {a['peak']:.1f} ({a['temp']:.1f}) | "
                    f"{t['peak']:.1f} ({t['temp']:.1f}) | {r['ratio']:.3f} |")
     lines.append('')
+  if result.get('cross_step'):
+    r = result['cross_step']
+    lines += ['One cross-step call on a micro-batch of 32 rows, same MLP: '
+              f"accum_jax `tx.update` {r['accum_jax']['peak']:.1f} MiB "
+              f"(temp {r['accum_jax']['temp']:.1f}), `optax.MultiSteps` "
+              f"{r['optax.MultiSteps']['peak']:.1f} MiB (temp "
+              f"{r['optax.MultiSteps']['temp']:.1f}): {r['ratio']:.3f}.", '']
   if result.get('lm'):
     lines += ['LM: 4 layers, d=1024, vocab 32k, sequence 512, f32 params, '
               'bf16 compute, adamw, k=4, 8 sequences per device; per-device '
@@ -430,6 +464,7 @@ def main(argv=None):
   print(f'{args.target}: {len(devices)} x {devices[0].device_kind}')
   if 'paths' in tables:
     result['paths'] = path_rows(devices)
+    result['cross_step'] = cross_step_row(devices)
   if 'lm' in tables:
     result['lm'] = lm_rows(devices, [s for s in args.layouts.split(',') if s])
   os.makedirs(args.out, exist_ok=True)
