@@ -375,7 +375,7 @@ class AccumulateConfig:
         updates, st = self.finish_window(st, grads, params, extra_args)
         return jnp.zeros([], jnp.bool_), updates, cast_like(st, summed)
 
-      zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), like)
+      zeros = jax.tree.map(jnp.zeros_like, like)  # explicit shardings too
       _, updates, new_state = jax.lax.while_loop(
           lambda carry: carry[0], once, (ends, zeros, summed))
       return updates, new_state

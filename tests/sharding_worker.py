@@ -130,6 +130,36 @@ class Recorder:
                       'counts': counts, **extra}
 
 
+def cross_step_checks(rec, mesh, pspecs, prefix, k=4):
+  """Cross-step tx.update on sharded params: k micro-batch calls, donated,
+  vs one full-batch adam step; the state keeps the params' shardings."""
+  params, batch = make_params(), make_batch()
+  inner = optax.adam(1e-2)
+  grads = jax.grad(loss_fn)(params, batch)
+  updates, _ = inner.update(grads, inner.init(params), params)
+  want = optax.apply_updates(params, updates)
+  tx = accum_jax.accumulate(inner, k)
+
+  def gathered_loss(p, mb):  # FSDP by hand: gather, then the loss
+    return loss_fn(jax.tree.map(lambda x: jax.sharding.reshard(x, P()), p),
+                   mb)
+
+  def step(p, s, mb):
+    updates, s = tx.update(jax.grad(gathered_loss)(p, mb), s, p)
+    return optax.apply_updates(p, updates), s
+
+  with _compat.set_mesh(mesh):
+    ps = put(mesh, make_params(), pspecs)
+    state = jax.jit(tx.init)(ps)
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    for j in range(k):
+      mb = put(mesh, jax.tree.map(lambda x, j=j: x[j::k], batch),
+               jax.tree.map(lambda _: P(rec.data_axes), batch))
+      ps, state = jstep(ps, state, mb)
+  rec.record(f'{prefix}/cross_step', ps, want, param_specs=specs_of(ps),
+             acc_specs=specs_of(state.acc))
+
+
 def put(mesh, tree, specs):
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                       tree, specs)
@@ -525,6 +555,10 @@ def auto_checks(rec, mesh):
                 param_specs=fsdp)
 
 
+if os.environ.get('ACCUM_JAX_TEST_ACCELERATOR_BRANCHES'):
+  from tests import _accelerator_branches  # noqa: E402
+  _accelerator_branches.apply()
+
 def main(config):
   if config == '2d':
     # Data axis explicit (read from the batch), model axis left to GSPMD.
@@ -548,6 +582,7 @@ def main(config):
       grad_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
       update_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
       weighted_aux_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
+    cross_step_checks(rec, mesh, fsdp, 'fsdp')
   elif config == '2d':
     tp = {'w1': P(None, 'model'), 'b1': P('model'), 'w2': P('model')}
     grad_checks(rec, mesh, tp, 'tp')

@@ -211,6 +211,16 @@ def test_fsdp_per_step(results, api, k):
   assert record.get('grad_specs', record.get('acc_specs')) == want
 
 
+def test_fsdp_cross_step_keeps_shardings(results):
+  """k cross-step tx.update calls on FSDP-sharded params (explicit axes):
+  the full-batch step (test_numbers_equal_one_device), and the params and
+  the accumulator keep their shardings."""
+  record = results['fsdp']['fsdp/cross_step']
+  want = ["P('data',)", "P('data', None)", "P(None, 'data')"]
+  assert record['param_specs'] == want
+  assert record['acc_specs'] == want
+
+
 @pytest.mark.parametrize('k', KS)
 @pytest.mark.parametrize('api', ('grad', 'update'))
 def test_2d_mesh_reduces_data_axis_once(results, api, k):
