@@ -653,7 +653,10 @@ def accumulate(
   whatever its gradient).
 
   Non-finite values (``nonfinite=``): ``'propagate'`` does plain arithmetic,
-  so a NaN/Inf gradient reaches the update. ``'skip_microbatch'`` drops a
+  so a NaN/Inf gradient reaches the update (in-step on GPU and TPU, even that
+  of a window whose weights sum to 0, whose update is otherwise zeros: the
+  not-applied update is multiplied by 0 there, see ``docs/architecture.md``;
+  use a skip policy to drop such values). ``'skip_microbatch'`` drops a
   micro-batch with a non-finite gradient, weight (or, in-step, loss) and its
   weight: the mean is over the finite micro-batches only, and a window with
   none is not applied. ``'skip_step'`` applies no update for a window that saw
