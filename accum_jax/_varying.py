@@ -23,7 +23,7 @@ def varying_axes(x) -> frozenset:
   manual = getattr(aval, 'manual_axis_type', None)
   if manual is not None:
     return frozenset(manual.varying)
-  return frozenset(getattr(aval, 'vma', ()))
+  return frozenset(getattr(aval, 'vma', None) or ())  # None on jax 0.7.0
 
 
 def to_varying(x, axes: tuple[str, ...]):
