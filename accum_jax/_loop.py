@@ -23,7 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from accum_jax import _checks, _noise, _nonfinite, _split, _sums, _varying
+from accum_jax import (
+  _checks,
+  _compat,
+  _noise,
+  _nonfinite,
+  _split,
+  _sums,
+  _varying,
+)
 
 RNG_KWARG = 'rng'
 NUM_REAL_KWARG = 'num_real_microbatches'
@@ -119,6 +127,12 @@ class Loop:
     """Whether micro-batches are screened lazily (``'skip_step'``, no skip
     predicate): their gradients' finiteness is read from the window's sum."""
     return self.nonfinite == 'skip_step' and self.should_skip_update_fn is None
+
+  @property
+  def sum_check(self) -> bool:
+    """Whether the gradients' finiteness is read once, from the window's sum
+    after the loop, rather than per micro-batch (see ``_compat``)."""
+    return self.lazy_skip_step and _compat.READS_SUM_AFTER_LOOP_IN_PLACE
 
   @property
   def screened(self) -> bool:
@@ -524,7 +538,8 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
     if loop.screened:
       micro = _nonfinite.screen(loop.nonfinite, micro,
                                 weighted=loop.weight_fn is not None,
-                                lazy_skip_step=loop.lazy_skip_step, skip=skip)
+                                lazy_skip_step=loop.lazy_skip_step,
+                                check_grads=not loop.sum_check, skip=skip)
       dropped = None if micro.bad is None else micro.bad > 0
       if skip is not None:
         dropped = skip if dropped is None else dropped | skip

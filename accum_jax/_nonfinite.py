@@ -69,6 +69,7 @@ def screen(
     *,
     weighted: bool,
     lazy_skip_step: bool = False,
+    check_grads: bool = True,
     skip: jax.Array | None = None,
 ) -> _sums.Micro:
   """What one micro-batch may add to the window.
@@ -79,6 +80,9 @@ def screen(
       and ``grad_scale``: None (its gradient is added with its weight), or 1
       for a pre-weighted gradient.
     weighted: whether the weight came from the user (else it is 1).
+    check_grads: with ``lazy_skip_step``, False leaves the gradient's
+      finiteness to one read of the window's sum after the loop
+      (:func:`check_sum`).
     lazy_skip_step: in-step under ``'skip_step'``, select the gradient on a
       zero weight only, not on finiteness (see below).
     skip: bool scalar, True when ``should_skip_update_fn`` skips it: it is
@@ -100,12 +104,13 @@ def screen(
   keep = nonzero
   lazy = lazy_skip_step and policy == 'skip_step' and skip is None
   if policy != 'propagate':
-    # Lazily, the gradient's finiteness is read once from the window's sum
-    # (``sum_nonfinite``), not here: a reduction over each micro-batch's
+    # Lazily, the gradient's finiteness may be read once from the window's
+    # sum (``check_sum``), not here: a reduction over each micro-batch's
     # gradient keeps it in a buffer of its own on XLA:GPU, where the add
     # into the sum is otherwise fused into the matmul that makes it.
-    finite = jnp.isfinite(w) if lazy else all_finite(micro.grads) & (
-        jnp.isfinite(w))
+    finite = jnp.isfinite(w)
+    if not (lazy and not check_grads):
+      finite = finite & all_finite(micro.grads)
     if micro.value is not None:
       finite = finite & jnp.isfinite(micro.value)
     keep = nonzero & finite

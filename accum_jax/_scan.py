@@ -472,5 +472,5 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   guard = loop.screened or inp.num_real is not None
   updates, opt_state = tx.config.finish_window(
       summed, result.shapes.grads, inp.params, inner_args, guard=guard,
-      check_sum=loop.lazy_skip_step)
+      check_sum=loop.sum_check)
   return value, updates, opt_state, result.state
