@@ -185,10 +185,23 @@ def _poisoned(bad, row):
 
 
 # (Under 'propagate' a NaN micro-batch reaches the updates by either guard.)
-@pytest.mark.parametrize('case,nonfinite', [
-    (case, policy) for case in ('nan', 'empty', 'clean')
-    for policy in ('propagate', 'skip_microbatch', 'skip_step')
-    if (case, policy) != ('nan', 'propagate')])
+CASES = [(case, policy) for case in ('nan', 'empty', 'clean')
+         for policy in ('propagate', 'skip_microbatch', 'skip_step')
+         if (case, policy) != ('nan', 'propagate')]
+
+
+def _both_branches(run, monkeypatch):
+  """``run()`` with XLA:CPU's formulations, then with the GPU/TPU ones (forced
+  on this CPU); two programs, fused differently, equal to the rounding of
+  each."""
+  by_cond = run()
+  monkeypatch.setattr(_accumulate, 'COND_PLATFORMS', ())
+  by_default = run()
+  assert_trees_close(by_default, by_cond, rtol=1e-6, atol=1e-9)
+  return by_cond, by_default
+
+
+@pytest.mark.parametrize('case,nonfinite', CASES)
 def test_select_guard_gives_the_cond_guard_numbers(case, nonfinite,
                                                    monkeypatch):
   params = linear_params()
@@ -206,11 +219,7 @@ def test_select_guard_gives_the_cond_guard_numbers(case, nonfinite,
       out.append(updates)
     return out, state
 
-  by_cond = run()
-  monkeypatch.setattr(_accumulate, 'COND_PLATFORMS', ())
-  by_select = run()
-  # Two programs, fused differently: equal to the rounding of each.
-  assert_trees_close(by_select, by_cond, rtol=1e-6, atol=1e-9)
+  by_cond, by_select = _both_branches(run, monkeypatch)
   if case != 'clean':  # the first window is not applied: exact zeros
     skipped = nonfinite != 'skip_microbatch' or case == 'empty'
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -267,10 +276,7 @@ def test_ragged_window_stacks_zeros_for_padding(unroll):
       rtol=1e-6)
 
 
-@pytest.mark.parametrize('case,nonfinite', [
-    (case, policy) for case in ('nan', 'empty', 'clean')
-    for policy in ('propagate', 'skip_microbatch', 'skip_step')
-    if (case, policy) != ('nan', 'propagate')])
+@pytest.mark.parametrize('case,nonfinite', CASES)
 def test_cross_step_loop_gives_the_cond_numbers(case, nonfinite,
                                                 monkeypatch):
   """Cross-step, XLA:GPU and XLA:TPU end a window in a while_loop that runs
@@ -293,10 +299,7 @@ def test_cross_step_loop_gives_the_cond_numbers(case, nonfinite,
       out.append(updates)
     return out, state
 
-  by_cond = run()
-  monkeypatch.setattr(_accumulate, 'COND_PLATFORMS', ())
-  by_loop = run()
-  assert_trees_close(by_loop, by_cond, rtol=1e-6, atol=1e-9)
+  by_cond, by_loop = _both_branches(run, monkeypatch)
   zeros = jax.tree.map(jnp.zeros_like, params)
   for j in (0, 1, 2, 4, 5):  # mid-window calls: exact zeros
     assert_trees_equal(by_loop[0][j], zeros)
