@@ -23,11 +23,13 @@ from accum_jax._planner import (
   CompiledMemory,
   MemoryPlan,
   PlanCandidate,
+  PlanDoesNotFit,
   compiled_memory,
   plan_microbatches,
 )
 from accum_jax._scan import value_and_grad, value_and_update
 from accum_jax._split import concat_microbatches, split_batch
+from accum_jax._targets import Target, gpu_target, load_target
 
 __version__ = '0.1.0'
 
@@ -60,6 +62,8 @@ __all__ = (
     'MemoryPlan',
     'NoiseScale',
     'PlanCandidate',
+    'PlanDoesNotFit',
+    'Target',
     'accumulate',
     'adaptive_num_microbatches',
     'compiled_memory',
@@ -67,8 +71,10 @@ __all__ = (
     'filter_value_and_grad',
     'filter_value_and_update',
     'flush',
+    'gpu_target',
     'has_updated',
     'linen_train_step',
+    'load_target',
     'nnx_train_step',
     'noise_scale',
     'plan_microbatches',

@@ -11,6 +11,7 @@ bytes from ``memory_analysis()``: with the params and optimizer state donated
 the benchmarks report, so a plan's estimate is the benchmark's number.
 """
 
+import contextlib
 import math
 import re
 import time
@@ -21,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from accum_jax import _checks, _loop
+from accum_jax import _checks, _loop, _placement, _targets
 
 
 class CompiledMemory(NamedTuple):
@@ -38,7 +39,11 @@ class CompiledMemory(NamedTuple):
       whose trip count XLA knows (``scan``, ``fori_loop``, the micro-batch
       loop) has its body and condition counted as many times as it runs,
       each costed by XLA's own analysis (see :func:`compiled_memory`).
-      ``nan`` when the backend reports no flops. Where a loop body cannot be
+      ``nan`` when the backend reports no flops (XLA:GPU for compile-only
+      devices). For a TPU target's compile-only devices each loop body
+      counts once, as XLA counts it: compare flops there only between steps
+      with the same loops (the planner compares remat options at one
+      ``k``). Where a loop body cannot be
       costed (a jaxlib without the private HLO functions this uses), a
       warning says so and the figure counts each body once, as XLA does.
     compile_seconds: wall time of ``lower(...).compile()``.
@@ -127,8 +132,10 @@ def _loop_flops(compiled, flops_once: float) -> float:
   computations, entry = _computations(text)
   if entry is None:
     raise ValueError('no ENTRY computation found in the HLO text')
+  client = getattr(compiled.runtime_executable(), 'client', None)
+  if client is None:  # a compile-only device (a target): nothing to cost on
+    return flops_once
   parse, analyse = _hlo_cost_functions()
-  client = compiled.runtime_executable().client
   lines = text.split('\n')
   xla_costs, extras = {}, {}
 
@@ -279,7 +286,10 @@ class PlanCandidate(NamedTuple):
       same work split into more micro-batches or unrolled differently
       counts about the same.
     fits: whether ``peak_bytes <= budget_bytes``.
-    memory: the full :class:`CompiledMemory`.
+    memory: the full :class:`CompiledMemory`, or ``None`` where the
+      target's compiler refused the step for needing more than the device's
+      memory (XLA:TPU does); ``peak_bytes`` is then what it said the step
+      needs at least.
     unroll: the unroll option passed to ``make_step``, or ``None`` when the
       planner was given no ``unroll`` options.
   """
@@ -310,6 +320,8 @@ class MemoryPlan(NamedTuple):
       remat, the largest (fewest loop iterations); ``None`` when the planner
       was given no ``unroll`` options.
     skipped: the candidate ``k`` the bisection did not compile, increasing.
+    target: the line describing the target planned for (its devices, their
+      memory and the budget), or ``None`` for the device at hand.
   """
 
   num_microbatches: int
@@ -320,11 +332,39 @@ class MemoryPlan(NamedTuple):
   candidates: tuple[PlanCandidate, ...]
   unroll: Any = None
   skipped: tuple[int, ...] = ()
+  target: str | None = None
 
   def table(self) -> str:
     """The candidates as a fixed-width text table, a ``skipped`` row for
-    each ``k`` not compiled."""
-    return _table(self.candidates, self.budget_bytes, self, self.skipped)
+    each ``k`` not compiled; peaks are per device."""
+    return _table(self.candidates, self.budget_bytes, self, self.skipped,
+                  self.target)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+class PlanDoesNotFit(ValueError):
+  """No candidate of :func:`plan_microbatches` fits the budget.
+
+  Attributes:
+    candidates: every :class:`PlanCandidate` compiled (the largest ``k``
+      among them); the smallest is ``min(candidates, key=peak_bytes)``.
+    budget_bytes: the budget none of them fits.
+    target: the line describing the target, or ``None``.
+  """
+
+  def __init__(self, message: str, candidates: tuple[PlanCandidate, ...],
+               budget_bytes: int, target: str | None):
+    super().__init__(message)
+    self.candidates = candidates
+    self.budget_bytes = budget_bytes
+    self.target = target
+
+  @property
+  def smallest(self) -> PlanCandidate:
+    """The candidate with the lowest peak."""
+    return min(self.candidates, key=lambda c: c.peak_bytes)
 
 
 def device_memory_budget(device: jax.Device | None = None) -> int | None:
@@ -366,11 +406,12 @@ def _mib(n: float) -> str:
   return f'{n / 2**20:.2f} MiB'
 
 
-def _table(candidates, budget, chosen=None, skipped=()) -> str:
+def _table(candidates, budget, chosen=None, skipped=(), target=None) -> str:
   unrolled = any(c.unroll is not None for c in candidates)
   head = f'  {"unroll":>6}' if unrolled else ''
-  lines = [f'{"k":>4}  {"remat":<36}{head}  {"peak":>14}  {"GFLOP":>10}  fits'
-           f'   (budget {_mib(budget)})']
+  lines = [target] if target else []
+  lines.append(f'{"k":>4}  {"remat":<36}{head}  {"peak":>14}  {"GFLOP":>10}  '
+               f'fits   (budget {_mib(budget)})')
   rows = [(c.num_microbatches, 0, c) for c in candidates]
   rows += [(k, 1, None) for k in skipped]
   for k, _, c in sorted(rows, key=lambda row: row[:2]):
@@ -385,14 +426,31 @@ def _table(candidates, budget, chosen=None, skipped=()) -> str:
         and (type(c.unroll), c.unroll) == (type(chosen.unroll), chosen.unroll)):
       mark = '  <- chosen'
     column = f'  {unroll_name(c.unroll):>6}' if unrolled else ''
+    peak = _mib(c.peak_bytes) if c.memory is not None else (
+        f'>{_mib(c.peak_bytes)}')  # refused by the compiler
+    flops = '-' if math.isnan(c.flops) else f'{c.flops / 1e9:.3f}'
     lines.append(
         f'{c.num_microbatches:>4}  {remat_name(c.remat):<36}{column}  '
-        f'{_mib(c.peak_bytes):>14}  {c.flops / 1e9:>10.3f}  '
+        f'{peak:>14}  {flops:>10}  '
         f'{"yes" if c.fits else "no":<4}{mark}')
   if skipped:
     lines.append('skipped: not compiled (the bisection over k assumes the '
                  'peak falls as k grows)')
   return '\n'.join(lines)
+
+
+_REFUSED = re.compile(r'RESOURCE_EXHAUSTED: .*?required for .*?\(([\d.]+)([KMGT])\)')
+
+
+def _refused(error: Exception) -> int | None:
+  """The bytes a program needs, from a compiler's refusal to compile it
+  for a device with less memory (XLA:TPU's 'Ran out of memory on HBM'), or
+  ``None`` for any other error."""
+  found = _REFUSED.search(str(error))
+  if found is None:
+    return None
+  size, unit = found.groups()
+  return int(float(size) * 2 ** (10 * ' KMGT'.index(unit)))
 
 
 def _trips(k: int, unroll: Any) -> int:
@@ -449,6 +507,12 @@ def plan_microbatches(
     remat: Sequence[Any] = (None, True),
     print_fn: Callable[[str], Any] | None = print,
     unroll: Sequence[Any] | None = None,
+    target: 'str | _targets.Target | None' = None,
+    mesh_axes: str | Sequence[str] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    in_specs: Sequence[Any] | None = None,
+    headroom: float | None = None,
+    search: str = 'bisect',
     **kwargs: Any,
 ) -> MemoryPlan:
   """Picks the fewest micro-batches (and cheapest remat) whose step fits.
@@ -470,7 +534,10 @@ def plan_microbatches(
   models measured. Where it does not, the plan is still sound but maybe not
   the smallest: the chosen ``k`` fits, and the next smaller candidate was
   compiled and does not fit (or the chosen ``k`` is the smallest candidate).
-  Pass ``num_microbatches=[k]`` to compile one ``k`` alone.
+  Pass ``num_microbatches=[k]`` to compile one ``k`` alone, or
+  ``search='all'`` to compile every candidate and get the smallest ``k``
+  that fits whatever the peaks do (on XLA:GPU a small step's peak can rise
+  from one ``k`` to the next).
 
   With ``unroll`` options, every ``(remat, unroll)`` pair is compiled at each
   ``k`` with ``make_step(k, remat_option, unroll_option)``. An unrolled loop
@@ -481,6 +548,20 @@ def plan_microbatches(
   unroll (the fewest loop iterations), then the listed order. The planner
   never trades recomputation, a cost on every backend, for unrolling, whose
   gain depends on the backend; pass only the remat options you accept.
+
+  With ``target``, the step is compiled by that accelerator's own compiler
+  for its compile-only devices (:func:`load_target`: a TPU topology, an
+  H100, A100 or L4 host, any GPU by its description), on this machine,
+  without one: the peak is per device, held against the device's memory
+  less the target's headroom. On several devices the batch is split over
+  ``mesh_axes`` and each argument is laid out by ``in_specs``: data
+  parallel by default (everything else replicated), FSDP with the params'
+  and optimizer state's specs, 2-D with ``mesh=``. ``make_step`` builds the
+  step as it will train on that mesh. XLA:GPU reports no flops for
+  compile-only devices, so on a GPU target the remat options that fit are
+  taken in the order given. XLA:TPU refuses to compile a step over the
+  device's memory: that candidate does not fit, at the size it said. See
+  ``docs/planning.md`` for what a compile-only plan cannot see.
 
   Args:
     make_step: ``make_step(num_microbatches, remat)`` returning a train step,
@@ -504,15 +585,38 @@ def plan_microbatches(
     unroll: the unroll options to try at each ``k`` (ints >= 1 or ``True``,
       as ``lax.scan`` takes them), passed to ``make_step`` as a third
       argument; ``None`` (the default) calls ``make_step(k, remat)``.
+    target: the accelerator to plan for: a name (``'tpu:v5e:2x4'``,
+      ``'h100:8'``, ``'a100-40gb'``, ``'l4'``; see :func:`load_target`) or a
+      :class:`Target`; ``None`` for the device at hand.
+    mesh_axes: the mesh axes the batch is split over, e.g. ``('data',)``;
+      without ``mesh`` a 1-D mesh of that name is made over all the
+      target's devices (Explicit axes). Needed for a target of several
+      devices unless ``mesh`` is given (then all its axes by default).
+    mesh: a ``jax.sharding.Mesh`` over ``target.devices``, for several batch
+      axes, 2-D layouts or Auto axes.
+    in_specs: one entry per positional argument: ``None`` (the batch split
+      over ``mesh_axes`` along its leading axis, anything else replicated),
+      a ``PartitionSpec`` for all its leaves, a pytree prefix of them, or a
+      callable from a leaf's ``ShapeDtypeStruct`` to its ``PartitionSpec``
+      (the usual FSDP rule). Keyword arguments are replicated.
+    headroom: the share of each device's memory to keep free (see
+      :func:`load_target`); ignored when ``budget_bytes`` is given.
+    search: ``'bisect'`` (about ``log2(n) + 1`` of ``n`` candidate ``k``
+      compiled) or ``'all'`` (every one: the smallest ``k`` that fits, for
+      sure).
     **kwargs: example keyword arguments of the step.
 
   Returns:
-    A :class:`MemoryPlan`.
+    A :class:`MemoryPlan`; ``print(plan)`` prints its table.
 
   Raises:
-    ValueError: if no budget is given and the device reports none, if a ``k``
-      does not divide the batch size, or if even the largest ``k`` does not
-      fit (the message has the table).
+    PlanDoesNotFit: (a ``ValueError``) even the largest ``k`` does not fit;
+      the message has the table, the error its candidates.
+    ValueError: if no budget is given and the device reports none, if a
+      ``k`` does not divide the batch size (or splits a micro-batch unevenly
+      over the batch axes), or a layout that does not fit the target.
+    RuntimeError: the target's compiler is not installed (the message names
+      the pip extra).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -538,21 +642,44 @@ def plan_microbatches(
     >>> plan.skipped  # not compiled (4 of the 10 divisors of 512 were)
     (8, 16, 64, 128, 256, 512)
   """
-  if budget_bytes is None:
-    budget_bytes = device_memory_budget()
-    if budget_bytes is None:
-      raise ValueError(
-          f'The {jax.default_backend()} backend reports no memory capacity; '
-          'pass budget_bytes= explicitly.'
-      )
   if not 0 <= batch_argnum < len(args):
     raise ValueError(
         f'batch_argnum={batch_argnum} is out of range for {len(args)} '
         'positional arguments.'
     )
   size = _leading_size(args[batch_argnum], batch_argnum)
+  described, shards = None, 1
+  if target is not None:
+    target = _targets.load_target(target, headroom=headroom)
+    placement = _placement.place(target, args, kwargs,
+                                 batch_argnum=batch_argnum,
+                                 mesh_axes=mesh_axes, mesh=mesh,
+                                 in_specs=in_specs)
+    args, kwargs, shards = placement.args, placement.kwargs, \
+        placement.batch_shards
+    described = target.describe() + '; peaks per device'
+    if budget_bytes is None:
+      budget_bytes = target.budget_bytes
+      if budget_bytes is None:
+        raise ValueError(f'The memory of target {target.name!r} is not '
+                         'known; pass budget_bytes= explicitly.')
+  elif mesh_axes is not None or mesh is not None or in_specs is not None:
+    raise ValueError('mesh_axes=, mesh= and in_specs= lay the step out on '
+                     "a target's devices: pass target= too (e.g. "
+                     "target='tpu:v5e:2x4', or 'cpu:8' for this machine).")
+  if budget_bytes is None:
+    budget_bytes = device_memory_budget()
+    if budget_bytes is None:
+      raise ValueError(
+          f'The {jax.default_backend()} backend reports no memory capacity; '
+          'pass budget_bytes= explicitly (or target=).'
+      )
   if num_microbatches is None:
-    ks = [k for k in range(1, size + 1) if size % k == 0]
+    ks = [k for k in range(1, size + 1)
+          if size % k == 0 and (size // k) % shards == 0]
+    if not ks:
+      raise ValueError(f'The batch of {size} cannot be split over the '
+                       f'{shards} batch shards of the mesh.')
   else:
     ks = sorted({_checks.check_num_microbatches(k) for k in num_microbatches})
     if not ks:
@@ -565,6 +692,12 @@ def plan_microbatches(
       raise ValueError(
           f'num_microbatches {bad} do not divide the batch size {size}.'
       )
+    uneven = [k for k in ks if (size // k) % shards]
+    if uneven:
+      raise ValueError(
+          f'num_microbatches {uneven} give micro-batches of '
+          f'{[size // k for k in uneven]} rows, which do not split over the '
+          f'{shards} batch shards of the mesh.')
   remat = tuple(remat)
   if not remat:
     raise ValueError('remat must name at least one option, e.g. (None,).')
@@ -576,21 +709,41 @@ def plan_microbatches(
       raise ValueError('unroll must name at least one option, e.g. (1, '
                        'True), or be None.')
 
+  context = (placement.context if target is not None
+             else contextlib.nullcontext)
+
   def compile_k(k):
     tried = []
     for option in remat:
       for u in unrolls:
         step = make_step(k, option) if u is None else make_step(k, option, u)
-        memory = compiled_memory(step, *args, donate_argnums=donate_argnums,
-                                 **kwargs)
+        with context():
+          try:
+            memory = compiled_memory(step, *args,
+                                     donate_argnums=donate_argnums, **kwargs)
+          except jax.errors.JaxRuntimeError as e:
+            needs = _refused(e)
+            if needs is None:
+              raise
+            # XLA:TPU refuses a program over the device's memory: it fits
+            # nowhere, and needs at least what the compiler says.
+            tried.append(PlanCandidate(k, option, needs, math.nan, False,
+                                       None, u))
+            continue
         tried.append(PlanCandidate(k, option, memory.peak_bytes, memory.flops,
                                    memory.peak_bytes <= budget_bytes, memory,
                                    u))
     return tried
 
+  if search not in ('bisect', 'all'):
+    raise ValueError(f"search must be 'bisect' or 'all', got {search!r}.")
   # Bisection for the first k that fits: ks[lo - 1] is known not to fit
   # (or lo == 0), ks[hi] is known to fit (or hi == len(ks)).
   compiled, lo, hi = {}, 0, len(ks)
+  if search == 'all':
+    compiled = {k: compile_k(k) for k in ks}
+    hi = next((i for i, k in enumerate(ks) if _choose(compiled[k])), len(ks))
+    lo = hi
   while lo < hi:
     mid = (lo + hi) // 2
     compiled[ks[mid]] = compile_k(ks[mid])
@@ -601,17 +754,18 @@ def plan_microbatches(
   candidates = tuple(c for k in sorted(compiled) for c in compiled[k])
   skipped = tuple(k for k in ks if k not in compiled)
   if hi == len(ks):
-    raise ValueError(
+    where = f' per device on {target.name}' if target is not None else ''
+    raise PlanDoesNotFit(
         f'No plan fits the budget of {budget_bytes} bytes '
-        f'({_mib(budget_bytes)}): even k={ks[-1]} with remat options '
-        f'{[remat_name(r) for r in remat]} needs '
+        f'({_mib(budget_bytes)}){where}: even k={ks[-1]} with remat '
+        f'options {[remat_name(r) for r in remat]} needs '
         f'{_mib(min(c.peak_bytes for c in compiled[ks[-1]]))}. Tried:\n'
-        + _table(candidates, budget_bytes, skipped=skipped)
-    )
+        + _table(candidates, budget_bytes, skipped=skipped, target=described),
+        candidates, int(budget_bytes), described)
   chosen = _choose(compiled[ks[hi]])
   plan = MemoryPlan(chosen.num_microbatches, chosen.remat, chosen.peak_bytes,
                     chosen.flops, int(budget_bytes), candidates, chosen.unroll,
-                    skipped)
+                    skipped, described)
   if print_fn is not None:
     print_fn(plan.table())
   return plan

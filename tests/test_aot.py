@@ -93,3 +93,45 @@ def test_cross_step_call_holds_at_most_the_updates_more(devices):
   row = aot.cross_step_row(devices)
   extra = row['accum_jax']['peak'] - row['optax.MultiSteps']['peak']
   assert extra <= 1.01 * row['param_mib'], row
+
+
+def test_plans_are_the_compilers_figures_and_the_smallest_k():
+  """plan_microbatches(target=...) on one device, data parallel and FSDP:
+  each candidate's peak is memory_analysis() of the same step compiled
+  straight for the target, and the chosen k is the smallest that fits
+  (every k compiled to check)."""
+  from tests import _plan_case
+  one = TARGET.split(':')[0] if TARGET[:3] != 'tpu' else 'tpu:v5e:1x1'
+  _plan_case.check_plans(one, layouts=('one device',), ks=(1, 2, 8))
+  peaks = _plan_case.check_plans(TARGET, layouts=('dp', 'fsdp'))
+  assert all(peaks['fsdp'][k] < peaks['dp'][k] for k in peaks['dp'])
+
+
+def test_a_step_that_cannot_fit_the_target_says_so():
+  """Six 32768-wide layers: 24 GiB of params, with adam and the in-step
+  gradient 96 GiB on each device, over any device's budget here."""
+  import accum_jax
+  from tests import _plan_case
+  args = _plan_case.example(width=32768, depth=6, batch=64)
+  with pytest.raises(accum_jax.PlanDoesNotFit, match=f'on {TARGET}') as e:
+    _plan_case.plan(TARGET, args, 'dp', num_microbatches=(1, 8),
+                    remat=(None,))
+  target = accum_jax.load_target(TARGET)
+  assert e.value.budget_bytes == target.budget_bytes
+  assert e.value.smallest.peak_bytes > 96 * 2**30
+
+
+@pytest.mark.skipif(not TARGET.startswith(('h100', 'a100', 'l4')),
+                    reason='GPU descriptions')
+@pytest.mark.parametrize('name, gib', [('a100-40gb', 39.42),
+                                       ('a100-80gb', 79.26), ('l4', 22.49),
+                                       ('h100', 79.10)])
+def test_each_gpu_description_compiles_and_has_its_memory(name, gib):
+  import accum_jax
+  from tests import _plan_case
+  target = accum_jax.load_target(name)
+  assert target.memory_bytes / 2**30 == pytest.approx(gib, abs=0.01)
+  assert target.budget_bytes == int(target.memory_bytes * 0.75)
+  assert name.split('-')[0].upper() in target.devices[0].device_kind
+  peaks = _plan_case.check_plans(name, layouts=('one device',), ks=(1, 8))
+  assert peaks['one device'][8] < peaks['one device'][1]
