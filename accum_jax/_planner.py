@@ -657,7 +657,7 @@ def plan_microbatches(
                                  in_specs=in_specs)
     args, kwargs, shards = placement.args, placement.kwargs, \
         placement.batch_shards
-    described = target.describe() + '; peaks per device'
+    described = target.describe(budget_bytes) + '; peaks per device'
     if budget_bytes is None:
       budget_bytes = target.budget_bytes
       if budget_bytes is None:

@@ -129,13 +129,17 @@ class Target(NamedTuple):
   def platform(self) -> str:
     return self.devices[0].platform
 
-  def describe(self) -> str:
-    """One line: the devices, their memory and the budget."""
+  def describe(self, budget_bytes: int | None = None) -> str:
+    """One line: the devices, their memory and the budget (``budget_bytes``
+    where one was given instead)."""
     kind = self.devices[0].device_kind
     line = f'{self.name}: {len(self.devices)} x {kind}'
     if self.memory_bytes is not None:
-      line += (f', {self.memory_bytes / 2**30:.2f} GiB each, budget '
-               f'{self.budget_bytes / 2**30:.2f} GiB '
+      line += f', {self.memory_bytes / 2**30:.2f} GiB each'
+    if budget_bytes is not None:
+      line += f', budget {budget_bytes / 2**30:.2f} GiB (given)'
+    elif self.memory_bytes is not None:
+      line += (f', budget {self.budget_bytes / 2**30:.2f} GiB '
                f'({self.headroom:.0%} headroom)')
     return line
 

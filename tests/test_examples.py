@@ -4,6 +4,7 @@ import importlib.util
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -85,3 +86,37 @@ def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch):
   assert "Mesh('data': 4" in text
   assert 'max |params difference| after one step' in text
   assert 'examples/s' in text
+
+
+TINY_LM = ['--target', 'cpu', '--layout', 'one', '--layers', '2', '--dim',
+           '64', '--heads', '4', '--vocab', '256', '--seq', '32', '--batch',
+           '16']
+
+
+def test_plan_for_target_picks_the_smallest_k_that_fits(capsys):
+  example = load_example('plan_for_target')
+  plan = example.main(TINY_LM + ['--budget-mib', '4', '--search', 'all'])
+  printed = capsys.readouterr().out
+  assert plan.peak_bytes <= 4 * 2**20 and 'Fits on cpu (one) at k=' in printed
+  assert plan.target.startswith('cpu: 1 x cpu')
+  for c in plan.candidates:  # every k compiled: none smaller fits
+    if c.num_microbatches < plan.num_microbatches:
+      assert c.peak_bytes > 4 * 2**20
+  # The peak is the step's own, compiled outside the planner.
+  example_args = (example.lm_params(2, 64, 256, 32),)
+  step = example.make_step_factory(4)(plan.num_microbatches, plan.remat)
+  opt_state = jax.eval_shape(
+      accum_jax.accumulate(example.optimizer(), 1, cross_step=False).init,
+      *example_args)
+  tokens = jax.ShapeDtypeStruct((16, 32), np.int32)
+  memory = accum_jax.compiled_memory(
+      step, *example_args, opt_state, {'inputs': tokens, 'targets': tokens},
+      donate_argnums=(0, 1))
+  assert memory.peak_bytes == plan.peak_bytes
+
+
+def test_plan_for_target_says_when_nothing_fits(capsys):
+  plan = load_example('plan_for_target').main(TINY_LM + ['--budget-mib', '1'])
+  assert plan is None
+  assert 'Does not fit on cpu (one) at any k: the smallest is k=16' in \
+      capsys.readouterr().out

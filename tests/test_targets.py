@@ -58,7 +58,8 @@ def test_a_plan_prints_its_target_and_table():
   plan = _plan_case.plan('cpu', args, 'one device', remat=(None,),
                          budget_bytes=2**30)
   text = str(plan)
-  assert text.splitlines()[0] == 'cpu: 1 x cpu; peaks per device'
+  assert text.splitlines()[0] == ('cpu: 1 x cpu, budget 1.00 GiB (given); '
+                                  'peaks per device')
   assert '<- chosen' in text and plan.num_microbatches == 1
 
 
