@@ -13,12 +13,14 @@ from accum_jax._accumulate import (
   accumulate,
   flush,
   has_updated,
+  window_norms,
 )
 from accum_jax._noise import (
   NoiseScale,
   adaptive_num_microbatches,
   noise_scale,
 )
+from accum_jax._norms import WindowNorms
 from accum_jax._planner import (
   CompiledMemory,
   MemoryPlan,
@@ -64,6 +66,7 @@ __all__ = (
     'PlanCandidate',
     'PlanDoesNotFit',
     'Target',
+    'WindowNorms',
     'accumulate',
     'adaptive_num_microbatches',
     'compiled_memory',
@@ -81,4 +84,5 @@ __all__ = (
     'split_batch',
     'value_and_grad',
     'value_and_update',
+    'window_norms',
 )

@@ -7,7 +7,7 @@ runs inside a ``lax.switch`` branch, so it is never computed on other calls.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from accum_jax import _checks, _noise, _nonfinite
+from accum_jax import _checks, _noise, _nonfinite, _norms
 from accum_jax._sums import Micro, acc_dtype, add_weighted, mean_of
 
 
@@ -43,6 +43,10 @@ class AccumulateState(NamedTuple):
     noise: with ``track_noise_scale=True``, the gradient noise scale
       estimator's scalars (read them with :func:`accum_jax.noise_scale`);
       else ``()`` (an empty node, so the state stays arrays only).
+    norms: with ``track_norms``, the global norms of the last ended
+      window's mean gradient and updates, a :class:`accum_jax.WindowNorms`
+      (read them with :func:`accum_jax.window_norms`; zeros before the first
+      window ends); else ``()``.
 
   It holds arrays only, so every serializer (pickle, orbax,
   ``flax.serialization``) takes it as it is; how it is used (``k``, the
@@ -59,6 +63,7 @@ class AccumulateState(NamedTuple):
   window_nonfinite: jax.Array
   skip_state: Any = ()
   noise: Any = ()
+  norms: Any = ()
 
 
 class AccumulateTransformation(optax.GradientTransformationExtraArgs):
@@ -170,6 +175,8 @@ class AccumulateConfig:
     noise_scale_decay: the decay of its EMAs over windows.
     cross_step: whether the state carries the accumulator between calls
       (False: in-step drivers only, ``acc`` is ``()``).
+    track_norms: the window norms kept in the state: ``()``, or some of
+      ``'grad'`` and ``'update'``.
   """
 
   inner: optax.GradientTransformationExtraArgs
@@ -181,6 +188,7 @@ class AccumulateConfig:
   track_noise_scale: bool = False
   noise_scale_decay: float = 0.99
   cross_step: bool = True
+  track_norms: tuple[str, ...] = ()
 
   def static_num_microbatches(self, who: str) -> int:
     """``k`` for a driver that needs a static window length."""
@@ -236,6 +244,12 @@ class AccumulateConfig:
           f'track_noise_scale={self.track_noise_scale}. Create the state with '
           'this transform\'s init.'
       )
+    kept = _norms.kept(state.norms)
+    if kept != self.track_norms:
+      raise ValueError(
+          f'The AccumulateState keeps the window norms {kept} but this '
+          f'accumulate was built with track_norms={self.track_norms}. Create '
+          'the state with this transform\'s init.')
     for path, acc, like in (_acc_leaves(state.acc, params) if at_rest
                             else ()):
       want = acc_dtype(jnp.result_type(like), self.accumulator_dtype)
@@ -305,6 +319,7 @@ class AccumulateConfig:
                                              params),
         noise=(_noise.NoiseScaleState.zeros() if self.track_noise_scale
                else ()),
+        norms=_norms.WindowNorms.zeros(self.track_norms),
     ), params)
 
   def update(self, grads: optax.Updates, state: 'AccumulateState',
@@ -429,7 +444,8 @@ class AccumulateConfig:
       updates, inner_state = self.inner.update(
           cast_like(mean, grads_like), state.inner_state, params, **extra_args)
       return updates, reset(
-          self.end_noise(state, jnp.ones([], jnp.bool_)),
+          self.end_norms(self.end_noise(state, jnp.ones([], jnp.bool_)),
+                         updates),
           cast_like(inner_state, state.inner_state), updates,
           keep_acc=self.cross_step)
     # Memory: XLA gives a cond's output a buffer of its own unless a branch
@@ -499,9 +515,18 @@ class AccumulateConfig:
         (mean, state.inner_state), default=by_select,
         **{platform: by_cond for platform in COND_PLATFORMS})
     updates = jax.tree.map(lambda o, u: o.astype(u.dtype), out, like)
-    return updates, reset(state, inner_state, updates,
-                          skipped_step=state.window_nonfinite & ~ok,
+    return updates, reset(self.end_norms(state, updates), inner_state,
+                          updates, skipped_step=state.window_nonfinite & ~ok,
                           keep_acc=self.cross_step)
+
+  def end_norms(self, state: 'AccumulateState',
+                updates: optax.Updates) -> 'AccumulateState':
+    """The state with the ended window's gradient and update norms."""
+    if not self.track_norms:
+      return state
+    return state._replace(norms=_norms.of_window(
+        self.track_norms, state.acc, state.weight, updates,
+        self.use_grad_mean))
 
   def end_noise(self, state: 'AccumulateState',
                 ok: jax.Array) -> 'AccumulateState':
@@ -538,7 +563,9 @@ def reset(state: AccumulateState, inner_state, updates, *,
   """
   acc = ()
   if keep_acc:
-    keep = jax.lax.optimization_barrier(jnp.zeros([], jnp.bool_))
+    # The zeros also wait for the gradient norm, the sum's other reader.
+    keep, _ = jax.lax.optimization_barrier(
+        (jnp.zeros([], jnp.bool_), state.norms))
     acc = jax.tree.map(
         lambda a, u: jnp.where(keep, u.astype(a.dtype), jnp.zeros_like(a)),
         state.acc, updates)
@@ -611,6 +638,7 @@ def accumulate(
     track_noise_scale: bool = False,
     noise_scale_decay: float = 0.99,
     cross_step: bool = True,
+    track_norms: bool | Sequence[str] = False,
 ) -> AccumulateTransformation:
   r"""Accumulates gradients over ``k`` micro-steps, then applies ``inner`` once.
 
@@ -710,6 +738,14 @@ def accumulate(
       peak where an accumulator at rest raises it: ``k=1``, and a data
       parallel mesh on XLA:GPU (see ``docs/architecture.md``).
       ``tx.update`` and :func:`accum_jax.flush` then raise.
+    track_norms: keep the global norms of each window's mean gradient
+      (``'grad'``: MaxText's ``raw_grad_norm``, the Hugging Face Trainer's
+      ``grad_norm``) and of its updates (``'update'``) in the state, read by
+      :func:`accum_jax.window_norms`: ``True`` for both, or a tuple of the
+      names. The gradient's norm is read from the accumulated sum, which
+      the step holds anyway; the update's needs the updates in a buffer of
+      their own where ``apply_updates`` would fuse them away (one
+      parameter-sized buffer; see ``docs/robustness.md``).
 
   Returns:
     An :class:`AccumulateTransformation` (an
@@ -753,13 +789,14 @@ def accumulate(
   if not isinstance(track_noise_scale, bool):
     raise TypeError(
         f'track_noise_scale must be a bool, got {track_noise_scale!r}.')
+  track_norms = _norms.check(track_norms)
   config = AccumulateConfig(
       optax.with_extra_args_support(inner), num_microbatches,
       accumulator_dtype, nonfinite, use_grad_mean=bool(use_grad_mean),
       should_skip_update_fn=should_skip_update_fn,
       track_noise_scale=track_noise_scale,
       noise_scale_decay=_noise.check_decay(noise_scale_decay),
-      cross_step=cross_step)
+      cross_step=cross_step, track_norms=track_norms)
   return AccumulateTransformation(config.init, config.update)
 
 
@@ -867,3 +904,49 @@ def has_updated(state: Any) -> jax.Array:
     )
   state = found[0]
   return (jnp.asarray(state.count) == 0) & (jnp.asarray(state.step) > 0)
+
+
+def window_norms(state: Any) -> _norms.WindowNorms:
+  """The global norms of the last ended window's mean gradient and updates.
+
+  What trainers log as the gradient norm (MaxText's ``raw_grad_norm``, the
+  Hugging Face Trainer's ``grad_norm``): the norm of the gradient the inner
+  optimizer stepped on, the window's weighted mean over all its
+  micro-batches (before any clipping in the inner optimizer), and the norm
+  of the updates returned for it. Both are scalars kept in the state when a
+  window ends, in-step (:func:`value_and_update`, the Flax and Equinox
+  helpers) and cross-step (the call that ends the window; the calls within
+  a window keep the last window's), at no parameter-sized cost.
+
+  Args:
+    state: an :class:`AccumulateState`, or an optimizer state holding exactly
+      one (an ``optax.chain`` state, a Flax ``TrainState``'s ``opt_state``).
+
+  Returns:
+    A :class:`WindowNorms` of float32 scalars (traceable).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import accum_jax
+    >>> loss_fn = lambda w, x: jnp.mean((x @ w) ** 2)
+    >>> w, x = jnp.ones(3), jnp.arange(24.0).reshape(8, 3) / 24
+    >>> tx = accum_jax.accumulate(optax.sgd(0.1), 4, track_norms=True)
+    >>> _, updates, state = accum_jax.value_and_update(loss_fn, tx)(
+    ...     w, tx.init(w), x)
+    >>> norms = accum_jax.window_norms(state)
+    >>> full = optax.tree.norm(jax.grad(loss_fn)(w, x))
+    >>> bool(jnp.allclose(norms.grad, full)), bool(jnp.allclose(
+    ...     norms.update, 0.1 * full))
+    (True, True)
+  """
+  found = find_states(state)
+  if len(found) != 1:
+    raise TypeError(
+        'window_norms needs an AccumulateState, or an optimizer state holding '
+        f'exactly one; got a {type(state).__name__} holding {len(found)}.')
+  if not isinstance(found[0].norms, _norms.WindowNorms):
+    raise ValueError(
+        'This AccumulateState keeps no window norms: build the transform '
+        "with accumulate(..., track_norms=True) (or ('grad',) for the "
+        "gradient's alone) and create the state with its init.")
+  return found[0].norms

@@ -53,9 +53,11 @@ def weight_fn(microbatch):
 
 
 def accum_step(inner, k, *, apply=True, weighted=False, ragged=False,
-               nonfinite='propagate', noise=False, cross_step=True):
+               nonfinite='propagate', noise=False, cross_step=True,
+               norms=False):
   tx = accum_jax.accumulate(inner, k, nonfinite=nonfinite,
-                            track_noise_scale=noise, cross_step=cross_step)
+                            track_noise_scale=noise, cross_step=cross_step,
+                            track_norms=norms)
   grad_step = accum_jax.value_and_update(
       loss_fn, tx, weight_fn=weight_fn if weighted else None)
 
@@ -69,8 +71,11 @@ def accum_step(inner, k, *, apply=True, weighted=False, ragged=False,
   return step, tx.init
 
 
-def twin_step(inner, k, *, apply=True, weighted=False, ragged=False):
-  """The hand-written loop: selects only, no ``lax.cond``."""
+def twin_step(inner, k, *, apply=True, weighted=False, ragged=False,
+              norms=False):
+  """The hand-written loop: selects only, no ``lax.cond``. With ``norms``
+  it also returns the norms of the mean gradient and of the updates, as a
+  trainer that logs them does."""
 
   def step(params, opt_state, batch, *num_real):
     xs = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]),
@@ -95,9 +100,12 @@ def twin_step(inner, k, *, apply=True, weighted=False, ragged=False):
       w_sum = jnp.where(w_sum > 0, w_sum, 1.0)
     grads = jax.tree.map(lambda a: a / w_sum, acc)
     updates, opt_state = inner.update(grads, opt_state, params)
+    loss = l_sum / w_sum
+    if norms:
+      loss = (loss, optax.tree.norm(grads), optax.tree.norm(updates))
     if not apply:
-      return l_sum / w_sum, updates, opt_state
-    return l_sum / w_sum, optax.apply_updates(params, updates), opt_state
+      return loss, updates, opt_state
+    return loss, optax.apply_updates(params, updates), opt_state
 
   return step, inner.init
 
@@ -148,6 +156,10 @@ def rows(k=8, apply=True):
       ('cross_step=False, k=1 (vs full batch)',
        accum_step(inner, 1, apply=apply, cross_step=False),
        full_batch_step(inner, apply=apply), ()),
+      ("track_norms=('grad',) (vs plain twin)",
+       accum_step(inner, k, apply=apply, norms=('grad',)), plain(), ()),
+      ('track_norms=True (vs twin logging both)',
+       accum_step(inner, k, apply=apply, norms=True), plain(norms=True), ()),
   ]
 
 

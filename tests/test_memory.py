@@ -182,7 +182,8 @@ def test_memory_falls_with_k_on_activations(k):
 @pytest.mark.parametrize('path', [
     'plain value_and_update', 'weight_fn=', 'num_real_microbatches= (traced)',
     "nonfinite='skip_step' (vs plain twin)",
-    'track_noise_scale=True (vs plain twin)'])
+    'track_noise_scale=True (vs plain twin)',
+    "track_norms=('grad',) (vs plain twin)"])
 def test_in_step_paths_match_hand_written_twin(path):
   from benchmarks import memory_paths
 
@@ -201,6 +202,22 @@ def test_in_step_paths_match_hand_written_twin(path):
   a = memory_paths.peak_mib(ours, params, batch, *extra)
   b = memory_paths.peak_mib(twin, params, batch, *extra)
   assert a <= limit * b, (path, a, b)
+
+
+def test_update_norm_costs_at_most_the_updates_buffer():
+  """track_norms=True against a loop that logs both norms: XLA:CPU holds
+  the updates in a buffer of their own where apply_updates would take them
+  from the inner update's fusion (24 MiB, the params' size, vs the loop's
+  8 MiB); no more. XLA:GPU and XLA:TPU are at the loop (tests/test_aot.py)."""
+  from benchmarks import memory_paths
+
+  params, batch = memory_paths.setup()
+  rows = {name: row for name, *row in memory_paths.rows(k=8)}
+  ours, twin, _ = rows['track_norms=True (vs twin logging both)']
+  a = memory_paths.peak_mib(ours, params, batch)
+  b = memory_paths.peak_mib(twin, params, batch)
+  size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  assert b < a <= b + 1.01 * size / 2**20, (a, b)
 
 
 def test_k1_excess_is_the_accumulator_at_rest():
