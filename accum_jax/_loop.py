@@ -74,6 +74,9 @@ class Loop:
       sums (the noise scale estimator's tally).
     param_specs: the parameters' shardings where their types do not say
       (Auto mesh axes), or None.
+    aux_modes: how reduced aux leaves combine over micro-batches:
+      ``'mean'`` (weighted, the default), ``'sum'``, or a pytree prefix of
+      them over the aux.
   """
 
   loss_fn: Callable[..., Any]
@@ -96,6 +99,7 @@ class Loop:
   concat_aux: bool = False
   track_noise_scale: bool = False
   param_specs: Any = None
+  aux_modes: Any = 'mean'
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
@@ -495,7 +499,8 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   outs_like, new_state_like = jax.eval_shape(
       functools.partial(one, prescale=False), index0, inp.state)
   value_like, aux_like, grads_like, _ = outs_like
-  shapes = _sums.Shapes(value_like, aux_like, grads_like)
+  shapes = _sums.Shapes(value_like, aux_like, grads_like,
+                        _sums.summed_leaves(loop.aux_modes, aux_like))
   _checks.check_floating(grads_like, 'Gradient')
   if loop.has_state:
     _check_state(new_state_like, inp.state)
@@ -558,7 +563,7 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
                                                    index, loop.aux_axis))
       micro = micro._replace(aux=None)
     stacked = (micro.aux, micro.weight) if loop.stack_aux else None
-    return (sums.add(micro), new_state, info), stacked
+    return (sums.add(micro, shapes.summed), new_state, info), stacked
 
   def padding(carry, index):
     """A padding micro-batch: not computed; the carry passes through."""
@@ -655,3 +660,27 @@ def _check_state(new_like, state):
           f'shape {np.shape(new)} and dtype {jnp.result_type(new)}, but it was'
           f' given shape {np.shape(old)} and dtype {jnp.result_type(old)}.'
       )
+
+
+def aux_option(aux: Any, stack_aux: bool, concat_aux: bool) -> dict[str, Any]:
+  """The ``Loop`` fields of a driver's ``aux=`` (``'mean'``, ``'sum'``,
+  ``'stack'``, ``'concat'``, or a pytree prefix of ``'mean'`` and
+  ``'sum'``), with the older ``stack_aux`` / ``concat_aux`` flags."""
+  if isinstance(aux, str) and aux not in ('mean', 'sum', 'stack', 'concat'):
+    raise ValueError(f"aux must be 'mean', 'sum', 'stack', 'concat' or a "
+                     f"pytree prefix of 'mean' and 'sum', got {aux!r}.")
+  if aux == 'stack' or aux == 'concat':
+    if stack_aux or concat_aux:
+      raise ValueError(f'aux={aux!r} with stack_aux= or concat_aux=: give '
+                       'one of them.')
+    return {'stack_aux': aux == 'stack', 'concat_aux': aux == 'concat',
+            'aux_modes': 'mean'}
+  if aux != 'mean' and (stack_aux or concat_aux):
+    raise ValueError(f'aux={aux!r} reduces the aux; stack_aux / concat_aux '
+                     'return it per micro-batch or per row. Give one.')
+  if not isinstance(aux, str):
+    leaves = jax.tree.leaves(aux)
+    if not leaves or any(x not in ('mean', 'sum') for x in leaves):
+      raise ValueError("aux as a pytree holds 'mean' or 'sum' leaves, one "
+                       f"per aux leaf or subtree; got {aux!r}.")
+  return {'stack_aux': stack_aux, 'concat_aux': concat_aux, 'aux_modes': aux}

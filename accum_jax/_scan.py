@@ -104,6 +104,8 @@ def value_and_grad(
     per_example_fn: Callable[[Any], Any] | None = None,
     concat_aux: bool = False,
     param_specs: Any = None,
+    argnums: int = 0,
+    aux: Any = 'mean',
 ) -> Callable[..., Any]:
   r"""A micro-batched drop-in for ``jax.value_and_grad(loss_fn)``.
 
@@ -142,8 +144,13 @@ def value_and_grad(
     result is then exactly the full-batch token mean, whatever the padding per
     micro-batch. A batch whose weights sum to 0 gives 0 and zero gradients.
   * **Aux.** Floating aux leaves are weighted means like the loss, integer
-    leaves are summed (counts), boolean leaves are OR-ed. With
-    ``stack_aux=True`` the aux leaves are returned stacked instead, with a
+    leaves are summed (counts), boolean leaves are OR-ed. A floating leaf
+    that is a sum over the batch's rows or tokens (a token-loss sum, a count
+    as a float) is summed over the micro-batches instead with ``aux='sum'``
+    (every leaf) or a pytree prefix of ``'mean'`` and ``'sum'``, e.g.
+    ``aux={'lm_loss_sum': 'sum', 'accuracy': 'mean'}``; a micro-batch of
+    weight 0 (padding, dropped as non-finite) adds nothing to a sum. With
+    ``aux='stack'`` (``stack_aux=True``) the aux leaves are returned stacked instead, with a
     leading axis of size ``k`` (:func:`concat_microbatches` puts per-row
     leaves back in row order). With ``concat_aux=True`` every aux leaf holds
     one entry per row (logits, per-example losses) and is returned for the
@@ -220,7 +227,8 @@ def value_and_grad(
       than 0 are split on one device; on a mesh the batch axis must lead.
     per_example_fn: a function of one example's gradient returning a
       gradient of the same structure and shapes (see above), or None.
-    concat_aux: return every row's aux in row order (see above).
+    concat_aux: return every row's aux in row order (see above); the same as
+      ``aux='concat'``.
     param_specs: on a mesh whose batch axes are ``AxisType.Auto``, the
       parameters' shardings, which their types under ``jit`` do not carry:
       a ``PartitionSpec`` (or ``NamedSharding``) for all, or a pytree of
@@ -228,10 +236,20 @@ def value_and_grad(
       Without it such parameters enter the per-device loop replicated over
       the batch axes, and a warning says so; ``P()`` declares them
       replicated. Under Explicit axes they are read from the types.
+    argnums: the position of the differentiated argument in ``loss_fn``'s
+      arguments, as ``jax.value_and_grad``'s (one int; pack several into a
+      pytree). ``f`` then takes ``loss_fn``'s arguments in ``loss_fn``'s
+      order, and ``batch_argnums`` (required when ``argnums`` is not 0,
+      unless ``batch_argnames`` are given) are positions in them too.
+    aux: how the aux is combined over micro-batches: ``'mean'`` (the
+      default: floating leaves are weighted means), ``'sum'``, a pytree
+      prefix of ``'mean'`` and ``'sum'``, ``'stack'`` (as ``stack_aux``) or
+      ``'concat'`` (as ``concat_aux``); see above.
 
   Returns:
-    ``f(params, batch, *args, **kwargs)`` returning ``(value, grads)`` or
-    ``((value, aux), grads)``.
+    ``f(params, batch, *args, **kwargs)`` (with ``argnums``, ``loss_fn``'s
+    own arguments) returning ``(value, grads)`` or ``((value, aux),
+    grads)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -260,16 +278,24 @@ def value_and_grad(
     >>> bool(jnp.allclose(grads, jax.vmap(clip)(per_example).mean(0)))
     True
   """
+  position = argnums
+  loss_fn, batch_argnums = _split.params_first(loss_fn, argnums, batch_argnums,
+                                               batch_argnames)
   loop = _loop.Loop(
       loss_fn, _checks.check_num_microbatches(num_microbatches),
       has_aux=has_aux, weight_fn=weight_fn,
-      accumulator_dtype=accumulator_dtype, stack_aux=stack_aux, remat=remat,
+      accumulator_dtype=accumulator_dtype, remat=remat,
       mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce, unroll=unroll,
       batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
-      per_example_fn=per_example_fn, concat_aux=concat_aux,
-      param_specs=param_specs)
+      per_example_fn=per_example_fn, param_specs=param_specs,
+      **_loop.aux_option(aux, stack_aux, concat_aux))
 
-  def f(params, *args, **kwargs):
+  def f(*args, **kwargs):
+    if len(args) <= position:
+      raise TypeError(
+          f'argnums={position} but the micro-batched value_and_grad got '
+          f'{len(args)} positional arguments.')
+    params, args = args[position], args[:position] + args[position + 1:]
     result = run(loop, _loop.call_inputs(loop, params, args, kwargs))
     grads = result.mean_grads()
     return result.sums.finish(result.shapes, has_aux), grads
@@ -295,6 +321,8 @@ def value_and_update(
     per_example_fn: Callable[[Any], Any] | None = None,
     concat_aux: bool = False,
     param_specs: Any = None,
+    argnums: int = 0,
+    aux: Any = 'mean',
 ) -> Callable[..., Any]:
   """One optimizer step over a whole batch, micro-batched in one ``lax.scan``.
 
@@ -341,12 +369,17 @@ def value_and_update(
     per_example_fn: as in :func:`value_and_grad`.
     concat_aux: as in :func:`value_and_grad`.
     param_specs: as in :func:`value_and_grad`.
+    argnums: the position of the params in ``loss_fn``'s arguments (as in
+      :func:`value_and_grad`); ``f`` still takes the params first, then
+      ``opt_state``, then ``loss_fn``'s other arguments in their order, and
+      ``batch_argnums`` are positions in ``loss_fn``'s own arguments.
+    aux: as in :func:`value_and_grad`.
 
   Returns:
     ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
     updates, opt_state)``, where ``value`` is ``loss`` or ``(loss, aux)``
     (``f(params, opt_state, *args, **kwargs)``, ``loss_fn``'s arguments
-    after params, with ``batch_argnums``).
+    other than params, with ``batch_argnums`` or ``argnums``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -374,13 +407,15 @@ def value_and_update(
         'accum_jax.accumulate(optax.inject_hyperparams(...)(...), k) or '
         'accum_jax.accumulate(optax.multi_transform(...), k).'
     )
+  loss_fn, batch_argnums = _split.params_first(loss_fn, argnums, batch_argnums,
+                                               batch_argnames)
   loop = for_transform(
       tx, loss_fn, 'value_and_update', has_aux=has_aux, weight_fn=weight_fn,
-      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
+      remat=remat, mesh=mesh, axis_name=axis_name,
       fsdp_reduce=fsdp_reduce, unroll=unroll,
       batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
-      per_example_fn=per_example_fn, concat_aux=concat_aux,
-      param_specs=param_specs)
+      per_example_fn=per_example_fn, param_specs=param_specs,
+      **_loop.aux_option(aux, stack_aux, concat_aux))
 
   def f(params, opt_state, *args, **kwargs):
     extra_args = None

@@ -478,10 +478,11 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
     # Unit weights: a device's share of a micro-batch weighs 1 / num_shards,
     # so a micro-batch weighs 1 as on one device (the mean is unchanged, and
     # a window left part-full by cross-step updates is weighted the same).
-    sums = sums.scaled(1.0 / plan_.num_shards)
+    sums = sums.scaled(1.0 / plan_.num_shards, shapes[0].summed)
   if start is not None:
     sums = sums.joined(start)
   (local_shapes,) = shapes
   return _loop.Result(sums, state, _sums.Shapes(
       _plain(local_shapes.value), _plain(local_shapes.aux),
-      jax.tree.map(_global_like, inp.params, local_shapes.grads)))
+      jax.tree.map(_global_like, inp.params, local_shapes.grads),
+      local_shapes.summed))

@@ -311,3 +311,38 @@ class BatchArgs:
       return (microbatch,), {}
     pos = tuple(microbatch[:len(self.argnums)])
     return pos, dict(zip(self.argnames, microbatch[len(self.argnums):]))
+
+
+def params_first(loss_fn: Any, argnums: Any, batch_argnums: Any,
+                 batch_argnames: Any) -> tuple[Any, Any]:
+  """``loss_fn`` with its differentiated argument ``argnums`` moved first,
+  and ``batch_argnums`` (positions in ``loss_fn``'s own arguments) moved
+  with it, as the drivers call ``loss_fn(params, *args)``."""
+  if isinstance(argnums, bool) or not isinstance(argnums, (int, np.integer)):
+    raise TypeError(
+        f'argnums must be one int, the position of the differentiated '
+        f'argument, got {argnums!r}; pack several into one pytree.')
+  argnums = operator.index(argnums)
+  if argnums < 0:
+    raise ValueError(f'argnums={argnums}: give a position >= 0.')
+  if argnums == 0:
+    return loss_fn, batch_argnums
+  if batch_argnums is None:
+    if not batch_argnames:
+      raise ValueError(
+          f'argnums={argnums}: name the batched arguments too, as positions '
+          f'in loss_fn\'s own arguments (e.g. batch_argnums=({argnums - 1},)'
+          ' for the one before the differentiated one) or batch_argnames=.')
+    moved = None
+  else:
+    given = _as_tuple(batch_argnums, 'batch_argnums', int)
+    if argnums in given:
+      raise ValueError(
+          f'batch_argnums={given} includes argnums={argnums}: the '
+          'differentiated argument is not split into micro-batches.')
+    moved = tuple(p + 1 if p < argnums else p for p in given)
+
+  def moved_loss(params, *args, **kwargs):
+    return loss_fn(*args[:argnums], params, *args[argnums:], **kwargs)
+
+  return moved_loss, moved

@@ -18,11 +18,35 @@ from accum_jax import _varying
 
 
 class Shapes(NamedTuple):
-  """Abstract outputs of one micro-batch (``jax.ShapeDtypeStruct`` trees)."""
+  """Abstract outputs of one micro-batch (``jax.ShapeDtypeStruct`` trees).
+
+  ``summed`` is a tree like ``aux`` of bools: True for a floating leaf summed
+  over micro-batches (``aux='sum'``) instead of averaged; None for none.
+  """
 
   value: Any
   aux: Any
   grads: Any
+  summed: Any = None
+
+
+def summed_leaves(modes: Any, aux_like: Any) -> Any:
+  """The ``Shapes.summed`` tree of an aux reduction: ``modes`` is
+  ``'mean'``, ``'sum'`` or a pytree prefix of them over ``aux_like``."""
+  if modes is None or modes == 'mean' or aux_like is None:
+    return None
+  try:
+    return jax.tree.map(
+        lambda mode, sub: jax.tree.map(lambda _: mode == 'sum', sub), modes,
+        aux_like)
+  except ValueError as e:
+    raise ValueError(
+        "aux= must be 'mean', 'sum', 'stack', 'concat' or a pytree prefix of "
+        f"'mean' and 'sum' over the aux the loss returns: {e}") from e
+
+
+def _flags(summed: Any, tree: Any) -> Any:
+  return jax.tree.map(lambda _: False, tree) if summed is None else summed
 
 
 class Micro(NamedTuple):
@@ -156,12 +180,16 @@ class Sums(NamedTuple):
                jnp.zeros([], sum_dtype(shapes.value.dtype)), aux, bad,
                noise=noise)
 
-  def add(self, micro: Micro) -> 'Sums':
-    """The sums with one more micro-batch."""
+  def add(self, micro: Micro, summed: Any = None) -> 'Sums':
+    """The sums with one more micro-batch (``summed``: see
+    :class:`Shapes`)."""
     w = micro.weight
 
-    def add_aux(c, a):
+    def add_aux(c, a, plain):
       a = jnp.asarray(a)
+      if jnp.issubdtype(a.dtype, jnp.floating) and plain:
+        # A sum: every micro-batch that counts (weight not 0) adds its own.
+        return c + jnp.where(w != 0, a.astype(c.dtype), 0)
       if jnp.issubdtype(a.dtype, jnp.floating):
         return c + w.astype(c.dtype) * a.astype(c.dtype)
       if a.dtype == jnp.bool_:
@@ -178,8 +206,8 @@ class Sums(NamedTuple):
         weight=weight,
         value=jnp.where(share == 0, self.value,
                         self.value + share * (value - self.value)),
-        aux=None if self.aux is None else jax.tree.map(add_aux, self.aux,
-                                                       micro.aux),
+        aux=None if self.aux is None else jax.tree.map(
+            add_aux, self.aux, micro.aux, _flags(summed, self.aux)),
         bad=None if self.bad is None else self.bad + micro.bad,
         aux_weights=self.aux_weights,
         aux_rows=self.aux_rows,
@@ -219,16 +247,18 @@ class Sums(NamedTuple):
             lambda x: _psum(x, axes), self.noise),
     )
 
-  def scaled(self, factor: float) -> 'Sums':
-    """Every weighted total times ``factor`` (means, counts and stacked aux
-    kept)."""
+  def scaled(self, factor: float, summed: Any = None) -> 'Sums':
+    """Every weighted total times ``factor`` (means, counts, summed and
+    stacked aux kept)."""
 
     def scale(x):
       return x * jnp.asarray(factor, x.dtype)
 
     aux = self.aux
     if aux is not None and self.aux_weights is None:
-      aux = jax.tree.map(lambda a: scale(a) if _floating(a) else a, aux)
+      aux = jax.tree.map(
+          lambda a, plain: scale(a) if _floating(a) and not plain else a, aux,
+          _flags(summed, aux))
     return self._replace(grads=jax.tree.map(scale, self.grads),
                          weight=scale(self.weight), aux=aux)
 
@@ -249,12 +279,13 @@ class Sums(NamedTuple):
     if self.aux_weights is not None or self.aux is None:
       return value, self.aux
 
-    def finish_aux(c, like):
-      if jnp.issubdtype(c.dtype, jnp.floating):
+    def finish_aux(c, like, plain):
+      if jnp.issubdtype(c.dtype, jnp.floating) and not plain:
         return (c / safe.astype(c.dtype)).astype(like.dtype)
-      return c
+      return c.astype(like.dtype) if plain else c
 
-    return value, jax.tree.map(finish_aux, self.aux, shapes.aux)
+    return value, jax.tree.map(finish_aux, self.aux, shapes.aux,
+                               _flags(shapes.summed, self.aux))
 
 
 def rows_zeros(aux_like: Any, num_microbatches: int, axis: int) -> Any:

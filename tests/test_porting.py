@@ -1,0 +1,169 @@
+"""What users hit porting real training code (MaxText, the Flax cookbook,
+optax's wrappers): each case against the full-batch computation, or the
+accum_jax error it now gets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import accum_jax
+
+K = 4
+
+
+def data(seed=0, n=16):
+  rng = np.random.default_rng(seed)
+  return {'x': jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
+          'y': jnp.asarray(rng.normal(size=(n,)), jnp.float32)}
+
+
+def maxtext_loss(model, config, data, dropout_rng, params, is_train=True):
+  """MaxText's loss_fn signature: the params fifth, the batch third."""
+  del model, dropout_rng
+  pred = jnp.tanh(data['x'] @ params['w']) * config['scale']
+  loss = jnp.mean((pred - data['y']) ** 2)
+  return loss, {'is_train': jnp.asarray(is_train)}
+
+
+PARAMS = {'w': jnp.asarray([[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2]])[:, 0]}
+
+
+def test_argnums_value_and_grad_takes_the_loss_own_signature():
+  config = {'scale': 2.0}
+  args = (None, config, data(), None, PARAMS)
+  ref = jax.value_and_grad(maxtext_loss, argnums=4, has_aux=True)(*args)
+  got = accum_jax.value_and_grad(maxtext_loss, K, argnums=4, batch_argnums=2,
+                                 has_aux=True)(*args, is_train=False)
+  np.testing.assert_allclose(got[0][0], ref[0][0], rtol=1e-6)
+  np.testing.assert_allclose(got[1]['w'], ref[1]['w'], rtol=1e-6)
+  assert not got[0][1]['is_train']  # keyword arguments pass through
+
+
+def test_argnums_value_and_update_is_the_full_batch_step():
+  config = {'scale': 2.0}
+  tx = accum_jax.accumulate(optax.adam(1e-2), K)
+  step = jax.jit(accum_jax.value_and_update(
+      maxtext_loss, tx, argnums=4, batch_argnums=2, has_aux=True))
+  (loss, _), updates, _ = step(PARAMS, tx.init(PARAMS), None, config, data(),
+                               None)
+  grads = jax.grad(lambda p: maxtext_loss(None, config, data(), None, p)[0])(
+      PARAMS)
+  ref, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(PARAMS))
+  np.testing.assert_allclose(updates['w'], ref['w'], rtol=1e-6)
+  np.testing.assert_allclose(
+      loss, maxtext_loss(None, config, data(), None, PARAMS)[0], rtol=1e-6)
+
+
+def test_argnums_errors():
+  with pytest.raises(ValueError, match='name the batched arguments too'):
+    accum_jax.value_and_grad(maxtext_loss, K, argnums=4)
+  with pytest.raises(ValueError, match=r'includes argnums=4'):
+    accum_jax.value_and_grad(maxtext_loss, K, argnums=4, batch_argnums=(2, 4))
+  with pytest.raises(TypeError, match='one int'):
+    accum_jax.value_and_grad(maxtext_loss, K, argnums=(0, 4))
+  f = accum_jax.value_and_grad(maxtext_loss, K, argnums=4, batch_argnums=2)
+  with pytest.raises(TypeError, match='argnums=4 but .* got 3 positional'):
+    f(None, {'scale': 1.0}, data())
+
+
+def lm_metrics(params, batch):
+  """MaxText's metrics: the token-loss sum and the token count beside the
+  mean loss (the metric logged as lm_loss is sum / count, over the step)."""
+  err = (jnp.tanh(batch['x'] @ params['w']) - batch['y']) ** 2
+  mask = batch['mask']
+  total = jnp.sum(err * mask)
+  count = jnp.sum(mask)
+  return total / jnp.maximum(count, 1.0), {'sum': total, 'count': count,
+                                           'mean': total / count}
+
+
+def masked_data():
+  d = data(n=32)
+  d['mask'] = jnp.asarray(np.random.default_rng(3).random(32) < 0.6,
+                          jnp.float32)
+  return d
+
+
+@pytest.mark.parametrize('spec', ['sum', {'sum': 'sum', 'count': 'sum',
+                                          'mean': 'mean'}])
+def test_sums_in_aux_are_the_full_batch_sums(spec):
+  batch = masked_data()
+  f = accum_jax.value_and_grad(lm_metrics, K, has_aux=True,
+                               weight_fn=lambda mb: jnp.sum(mb['mask']),
+                               aux=spec)
+  (loss, aux), _ = jax.jit(f)(PARAMS, batch)
+  _, ref = lm_metrics(PARAMS, batch)
+  np.testing.assert_allclose(aux['sum'], ref['sum'], rtol=1e-5)
+  np.testing.assert_allclose(aux['count'], ref['count'], rtol=1e-6)
+  np.testing.assert_allclose(aux['sum'] / aux['count'], loss, rtol=1e-5)
+  if spec != 'sum':  # a token-weighted mean of the micro-batch means
+    np.testing.assert_allclose(aux['mean'], ref['mean'], rtol=1e-5)
+
+
+def test_the_default_mean_of_a_sum_is_not_the_sum():
+  """What MaxText's lm_loss showed before (0.759 for 5.832): a sum
+  averaged over micro-batches."""
+  batch = masked_data()
+  f = accum_jax.value_and_grad(lm_metrics, K, has_aux=True,
+                               weight_fn=lambda mb: jnp.sum(mb['mask']))
+  (_, aux), _ = f(PARAMS, batch)
+  assert aux['sum'] < 0.5 * lm_metrics(PARAMS, batch)[1]['sum']
+
+
+def test_aux_sum_in_value_and_update_and_bad_specs():
+  batch = masked_data()
+  tx = accum_jax.accumulate(optax.sgd(0.1), K)
+  step = accum_jax.value_and_update(lm_metrics, tx, has_aux=True,
+                                    aux={'sum': 'sum', 'count': 'sum',
+                                         'mean': 'mean'})
+  (_, aux), _, _ = step(PARAMS, tx.init(PARAMS), batch)
+  np.testing.assert_allclose(aux['count'], jnp.sum(batch['mask']))
+  with pytest.raises(ValueError, match="aux must be 'mean', 'sum'"):
+    accum_jax.value_and_grad(lm_metrics, K, has_aux=True, aux='total')
+  with pytest.raises(ValueError, match="holds 'mean' or 'sum' leaves"):
+    accum_jax.value_and_grad(lm_metrics, K, has_aux=True, aux={'sum': 'max'})
+  with pytest.raises(ValueError, match='Give one'):
+    accum_jax.value_and_grad(lm_metrics, K, has_aux=True, aux='sum',
+                             stack_aux=True)
+  f = accum_jax.value_and_grad(lm_metrics, K, has_aux=True,
+                               aux={'other': 'sum'})
+  with pytest.raises(ValueError, match='pytree prefix'):
+    f(PARAMS, batch)
+
+
+def test_aux_sum_on_a_mesh_of_eight():
+  """Summed aux leaves are summed over the devices, not scaled by the unit
+  weights' 1 / shards, with and without weight_fn."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = textwrap.dedent("""
+      import os
+      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      import accum_jax
+      from accum_jax import _compat
+      from tests.test_porting import lm_metrics, masked_data, PARAMS
+      mesh = _compat.make_mesh((8,), ('data',))
+      ref = lm_metrics(PARAMS, masked_data())[1]
+      batch = jax.device_put(masked_data(), NamedSharding(mesh, P('data')))
+      for wf in (None, lambda mb: jnp.sum(mb['mask'])):
+        f = accum_jax.value_and_grad(lm_metrics, 2, has_aux=True,
+                                     weight_fn=wf, aux={'sum': 'sum',
+                                     'count': 'sum', 'mean': 'mean'})
+        with _compat.set_mesh(mesh):
+          (_, aux), _ = jax.jit(f)(PARAMS, batch)
+        np.testing.assert_allclose(aux['sum'], ref['sum'], rtol=1e-5)
+        np.testing.assert_allclose(aux['count'], ref['count'])
+      print('ok')
+  """)
+  env = dict(os.environ, PYTHONPATH=root)
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
