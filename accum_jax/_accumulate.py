@@ -328,6 +328,7 @@ class AccumulateConfig:
              **extra_args: Any) -> tuple[optax.Updates, 'AccumulateState']:
     self.check_cross_step('accumulate.update')
     self.check_state(state, params, 'accumulate.update')
+    _checks.check_no_functions(extra_args, 'accumulate.update')
     _checks.check_same_structure(grads, state.acc, 'grads', 'params')
     _checks.check_floating(grads, 'Gradient')
     w = (jnp.ones([], jnp.float32) if weight is None

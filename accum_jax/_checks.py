@@ -129,3 +129,26 @@ def check_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
         f'accumulator_dtype must be a floating dtype, got {dtype}.'
     )
   return dtype
+
+
+def check_no_functions(extra_args: dict[str, Any], who: str) -> None:
+  """Refuses functions among a cross-step call's extra arguments.
+
+  An inner optimizer that takes a function (sophia's ``obj_fn``, the line
+  searches' ``value_fn``, sam's ``grad_fn``) evaluates it when the window
+  ends: cross-step that is the last call's function, closed over the last
+  micro-batch alone, and the inner state silently differs from the full
+  batch's.
+  """
+  found = [name for name, value in extra_args.items()
+           if any(callable(x) and not hasattr(x, 'shape')
+                  for x in jax.tree.leaves(value, is_leaf=callable))]
+  if found:
+    raise TypeError(
+        f'{who} got a function in its extra arguments {found}. Cross-step '
+        'only the window-ending call\'s arguments reach the inner optimizer, '
+        'so it would evaluate that function on the last micro-batch alone, '
+        'not on the window. Use the in-step driver, which applies the inner '
+        'optimizer once on the whole batch: accum_jax.value_and_update(loss_fn'
+        ', tx)(params, opt_state, batch, inner_extra_args={'
+        f'{found[0]!r}: a function of the whole batch}}).')

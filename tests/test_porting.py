@@ -167,3 +167,29 @@ def test_aux_sum_on_a_mesh_of_eight():
   out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
+
+
+def sq_loss(params, batch):
+  return jnp.mean((jnp.tanh(batch['x'] @ params['w']) - batch['y']) ** 2)
+
+
+def test_a_function_cross_step_is_refused_and_in_step_is_the_full_batch():
+  """sophia evaluates obj_fn at the window's end: cross-step that would be
+  the last micro-batch's; in-step it is the whole batch's."""
+  batch = data()
+  sophia = optax.contrib.sophia(1e-2, update_interval=1)
+  tx = accum_jax.accumulate(sophia, K)
+  state = tx.init(PARAMS)
+  grads = jax.grad(sq_loss)(PARAMS, batch)
+  with pytest.raises(TypeError, match=r"function in its extra arguments "
+                     r"\['obj_fn'\].*inner_extra_args"):
+    tx.update(grads, state, PARAMS, obj_fn=lambda p: sq_loss(p, batch))
+  lbfgs = accum_jax.accumulate(optax.lbfgs(), K)
+  with pytest.raises(TypeError, match=r"\['value_fn'\]"):
+    lbfgs.update(grads, lbfgs.init(PARAMS), PARAMS, value=1.0, grad=grads,
+                 value_fn=lambda p: sq_loss(p, batch))
+  objective = lambda p: sq_loss(p, batch)  # noqa: E731
+  _, updates, _ = accum_jax.value_and_update(sq_loss, tx)(
+      PARAMS, state, batch, inner_extra_args={'obj_fn': objective})
+  ref, _ = sophia.update(grads, sophia.init(PARAMS), PARAMS, obj_fn=objective)
+  np.testing.assert_allclose(updates['w'], ref['w'], rtol=1e-5, atol=1e-7)
