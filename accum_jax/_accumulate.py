@@ -148,6 +148,15 @@ def _own_buffers(state: Any, params: Any) -> Any:
   return jax.tree.map(own, state)
 
 
+def differentiated(params: Any) -> Any:
+  """The part of ``params`` the gradients are taken for: the fast params
+  of ``optax.lookahead``'s ``LookaheadParams`` (its inner optimizer gets the
+  gradient of the fast params and both), else all of them."""
+  if isinstance(params, optax.LookaheadParams):
+    return params.fast
+  return params
+
+
 def _acc_leaves(acc: Any, params: Any):
   """``(path, accumulator leaf, param leaf or the accumulator leaf)``."""
   like = jax.tree.leaves(params) if params is not None else jax.tree.leaves(acc)
@@ -234,8 +243,9 @@ class AccumulateConfig:
           'accumulator but this accumulate was built with cross_step='
           f'{self.cross_step}. Create the state with this transform\'s init.'
       )
-    if at_rest and params is not None:
-      _checks.check_same_structure(params, state.acc, 'params', 'accumulator')
+    diff = differentiated(params)
+    if at_rest and diff is not None:
+      _checks.check_same_structure(diff, state.acc, 'params', 'accumulator')
     tracked = _noise.tracked(state.noise)
     if tracked != self.track_noise_scale:
       raise ValueError(
@@ -250,7 +260,7 @@ class AccumulateConfig:
           f'The AccumulateState keeps the window norms {kept} but this '
           f'accumulate was built with track_norms={self.track_norms}. Create '
           'the state with this transform\'s init.')
-    for path, acc, like in (_acc_leaves(state.acc, params) if at_rest
+    for path, acc, like in (_acc_leaves(state.acc, diff) if at_rest
                             else ()):
       want = acc_dtype(jnp.result_type(like), self.accumulator_dtype)
       if jnp.result_type(acc) != want:
@@ -305,7 +315,7 @@ class AccumulateConfig:
     acc = jax.tree.map(
         lambda p: jnp.zeros_like(p, acc_dtype(jnp.result_type(p),
                                               self.accumulator_dtype)),
-        params) if self.cross_step else ()
+        differentiated(params)) if self.cross_step else ()
     return _own_buffers(AccumulateState(
         count=jnp.zeros([], jnp.int32),
         acc=acc,
@@ -410,6 +420,8 @@ class AccumulateConfig:
         jax.tree.map(lambda g: jax.ShapeDtypeStruct(np.shape(g),
                                                     jnp.result_type(g)),
                      grads_like), inner_state, params)
+    if jax.tree.structure(like) != jax.tree.structure(grads_like):
+      return jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), like)
     return jax.tree.map(lambda g, u: jnp.zeros_like(g, dtype=u.dtype),
                         grads_like, like)
 
@@ -462,20 +474,27 @@ class AccumulateConfig:
         lambda m, s: self.inner.update(cast_like(m, grads_like), s, params,
                                        **extra_args)[0], mean,
         state.inner_state)
-    through = jax.tree.map(
-        lambda m, u: jnp.promote_types(m.dtype, u.dtype) == m.dtype, mean,
-        like)
+    # Updates shaped otherwise than the gradient (optax.lookahead's, for the
+    # fast and slow params) get fresh zeros when skipped.
+    if jax.tree.structure(mean) == jax.tree.structure(like):
+      through, written = jax.tree.map(
+          lambda m, u: jnp.promote_types(m.dtype, u.dtype) == m.dtype, mean,
+          like), mean
+    else:
+      through, written = jax.tree.map(lambda u: False, like), like
 
     def apply(operand):
       mean, inner_state = operand
       updates, new_inner = self.inner.update(
           cast_like(mean, grads_like), inner_state, params, **extra_args)
       updates = jax.tree.map(lambda u, m, t: u.astype(m.dtype) if t else u,
-                             updates, mean, through)
+                             updates, written, through)
       return updates, cast_like(new_inner, inner_state)
 
     def skip(operand):
       mean, inner_state = operand
+      if written is like:
+        return jax.tree.map(jnp.zeros_like, like), inner_state
       return jax.tree.map(
           lambda m, u, t: m if t else jnp.zeros_like(u), mean, like,
           through), inner_state
@@ -567,6 +586,8 @@ def reset(state: AccumulateState, inner_state, updates, *,
     # The zeros also wait for the gradient norm, the sum's other reader.
     keep, _ = jax.lax.optimization_barrier(
         (jnp.zeros([], jnp.bool_), state.norms))
+    if jax.tree.structure(state.acc) != jax.tree.structure(updates):
+      updates = state.acc  # updates shaped otherwise (optax.lookahead)
     acc = jax.tree.map(
         lambda a, u: jnp.where(keep, u.astype(a.dtype), jnp.zeros_like(a)),
         state.acc, updates)

@@ -427,9 +427,12 @@ def value_and_update(
             f'{INNER_EXTRA_ARGS_KWARG} must be a dict of keyword arguments '
             f'for the inner optimizer, got {type(extra_args).__name__}.'
         )
+    # optax.lookahead: the loss sees the fast params, the inner optimizer
+    # both (LookaheadParams).
     value, updates, opt_state, _ = optimizer_step(
-        loop, tx, _loop.call_inputs(loop, params, args, kwargs), opt_state,
-        extra_args)
+        loop, tx, _loop.call_inputs(loop, _accumulate.differentiated(params),
+                                    args, kwargs), opt_state, extra_args,
+        inner_params=params)
     return value, updates, opt_state
 
   return f
@@ -462,19 +465,24 @@ def takes_value(update: Callable[..., Any]) -> bool:
 def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
                    opt_state: Any,
                    extra_args: Mapping[str, Any] | None = None,
+                   inner_params: Any = None,
                    ) -> tuple[Any, Any, Any, Any]:
   """One optimizer step over ``inp.batch``: ``(value, updates, opt_state,
   state)``, with ``state`` the threaded state after the last micro-batch.
+  ``inner_params`` are the params the optimizer gets, where they hold more
+  than the differentiated ``inp.params`` (``optax.LookaheadParams``).
 
   With an ``accumulate`` ``tx`` its accumulator is the loop's carry and its
   inner optimizer runs once, after the loop, with ``value=`` the batch's loss
   when it takes it, and ``extra_args``; with a plain optimizer the mean
   gradient is formed in a fresh accumulator and ``tx.update`` applied once.
   """
+  if inner_params is None:
+    inner_params = inp.params
   if not isinstance(tx, _accumulate.AccumulateTransformation):
     result = run(loop, inp)
     grads = result.mean_grads()
-    updates, opt_state = tx.update(grads, opt_state, inp.params)
+    updates, opt_state = tx.update(grads, opt_state, inner_params)
     return (result.sums.finish(result.shapes, loop.has_aux), updates,
             opt_state, result.state)
   if not isinstance(opt_state, _accumulate.AccumulateState):
@@ -482,7 +490,7 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
         'value_and_update expects the AccumulateState made by tx.init, got '
         f'{type(opt_state).__name__}.'
     )
-  tx.config.check_state(opt_state, inp.params, 'value_and_update')
+  tx.config.check_state(opt_state, inner_params, 'value_and_update')
   if loop.should_skip_update_fn is not None:
     inp = inp._replace(gradient_step=opt_state.step,
                        skip_state=opt_state.skip_state)
@@ -506,6 +514,6 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   # window's weight is >= k > 0: no empty-window guard (it costs memory).
   guard = loop.screened or inp.num_real is not None
   updates, opt_state = tx.config.finish_window(
-      summed, result.shapes.grads, inp.params, inner_args, guard=guard,
+      summed, result.shapes.grads, inner_params, inner_args, guard=guard,
       check_sum=loop.sum_check)
   return value, updates, opt_state, result.state

@@ -193,3 +193,38 @@ def test_a_function_cross_step_is_refused_and_in_step_is_the_full_batch():
       PARAMS, state, batch, inner_extra_args={'obj_fn': objective})
   ref, _ = sophia.update(grads, sophia.init(PARAMS), PARAMS, obj_fn=objective)
   np.testing.assert_allclose(updates['w'], ref['w'], rtol=1e-5, atol=1e-7)
+
+
+def lookahead():
+  return optax.lookahead(optax.adam(1e-2), sync_period=2, slow_step_size=0.5)
+
+
+def test_lookahead_in_step_and_cross_step_are_the_full_batch_steps():
+  """optax.lookahead's params are LookaheadParams(fast, slow); the loss is
+  differentiated for the fast ones, as optax's own example does."""
+  batch = data()
+  params = optax.LookaheadParams.init_synced(PARAMS)
+  ref_state = lookahead().init(params)
+  ref_params = params
+  tx = accum_jax.accumulate(lookahead(), K)
+  step = jax.jit(accum_jax.value_and_update(sq_loss, tx))
+  state, cross_state = tx.init(params), tx.init(params)
+  cross_params = params
+  for i in range(3):
+    b = data(i)
+    grads = jax.grad(sq_loss)(ref_params.fast, b)
+    updates, ref_state = lookahead().update(grads, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, updates)
+    _, updates, state = step(params, state, b)
+    params = optax.apply_updates(params, updates)
+    for j in range(K):
+      mb = jax.tree.map(lambda x, j=j: x[j::K], b)
+      g = jax.grad(sq_loss)(cross_params.fast, mb)
+      updates, cross_state = tx.update(g, cross_state, cross_params)
+      cross_params = optax.apply_updates(cross_params, updates)
+  for got in (params, cross_params):
+    np.testing.assert_allclose(got.fast['w'], ref_params.fast['w'],
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.slow['w'], ref_params.slow['w'],
+                               rtol=1e-5, atol=1e-7)
+  del batch
