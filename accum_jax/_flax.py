@@ -267,16 +267,46 @@ def _put_nodes(args, kwargs, nodes, at):
   return jax.tree.unflatten(treedef, leaves)
 
 
-def _check_batch_argnum(batch_argnum: Any, num_args: int) -> int:
+def _check_batch_argnum(batch_argnum: Any, num_args: int,
+                        batch: Any = None) -> Any:
+  if isinstance(batch_argnum, tuple):
+    count = num_args + len(batch_argnum)
+    if (not batch_argnum or len(set(batch_argnum)) != len(batch_argnum)
+        or any(isinstance(p, bool) or not isinstance(p, int)
+               or not 1 <= p <= count for p in batch_argnum)):
+      raise ValueError(
+          f'batch_argnum={batch_argnum!r}: the positions of the batched '
+          'arguments among loss_fn\'s positional arguments (the model is 0) '
+          f'must be distinct ints from 1 to {count} with {num_args} extra '
+          'positional argument(s).')
+    if not isinstance(batch, tuple) or len(batch) != len(batch_argnum):
+      raise ValueError(
+          f'batch_argnum={batch_argnum!r} names {len(batch_argnum)} batched '
+          'arguments: pass the batch as a tuple of that many, in the same '
+          f'order (got a {type(batch).__name__}).')
+    return batch_argnum
   if (isinstance(batch_argnum, bool) or not isinstance(batch_argnum, int)
       or not 1 <= batch_argnum <= num_args + 1):
     raise ValueError(
         f'batch_argnum={batch_argnum!r}: the position of the micro-batch '
         'among loss_fn\'s positional arguments (the model is 0) must be an '
         f'int from 1 to {num_args + 1} with {num_args} extra positional '
-        'argument(s).'
+        'argument(s), or a tuple of positions with a tuple batch.'
     )
   return batch_argnum
+
+
+def _insert_batch(extra: list, microbatch: Any, batch_argnum: Any) -> list:
+  """``loss_fn``'s positional arguments after the model: ``extra`` with
+  the micro-batch (or, for a tuple ``batch_argnum``, each of its parts) in
+  its place."""
+  if not isinstance(batch_argnum, tuple):
+    extra.insert(batch_argnum - 1, microbatch)
+    return extra
+  for position, part in sorted(zip(batch_argnum, microbatch),
+                               key=lambda pair: pair[0]):
+    extra.insert(position - 1, part)
+  return extra
 
 
 def nnx_train_step(
@@ -290,7 +320,7 @@ def nnx_train_step(
     stack_aux: bool = False,
     remat: Any = None,
     num_microbatches: int | None = None,
-    batch_argnum: int = 1,
+    batch_argnum: int | tuple[int, ...] = 1,
     mesh: Any = None,
     axis_name: Any = None,
     fsdp_reduce: str = 'per_microbatch',
@@ -318,7 +348,10 @@ def nnx_train_step(
   them. ``batch_argnum`` says where the micro-batch goes among ``loss_fn``'s
   positional arguments (the model is 0): the NNX MNIST tutorial's
   ``loss_fn(model, rngs, batch)`` is called with ``batch_argnum=2`` and
-  ``rngs`` in ``args``. NNX objects among the arguments (an ``nnx.Rngs``,
+  ``rngs`` in ``args``. Several batched arguments, as the Flax cookbook's
+  ``loss_fn(model, x, y)``: pass ``batch=(x, y)`` with
+  ``batch_argnum=(1, 2)``, each split along its leading axis and put in
+  its place. NNX objects among the arguments (an ``nnx.Rngs``,
   another module) are threaded like the model's own state: micro-batch ``j``
   draws from the streams where micro-batch ``j-1`` left them (different keys
   for every micro-batch), and the ``nnx.Rngs`` you passed comes back advanced
@@ -352,7 +385,8 @@ def nnx_train_step(
     remat: ``None``, ``True`` or a ``jax.checkpoint_policies`` policy.
     num_microbatches: ``k`` for a plain (non-accumulate) ``optimizer.tx``.
     batch_argnum: the position of the micro-batch among ``loss_fn``'s
-      positional arguments, counting the model as 0 (default 1).
+      positional arguments, counting the model as 0 (default 1); or a tuple
+      of positions, one per part of a tuple ``batch``.
     mesh: as in :func:`accum_jax.value_and_grad`: the mesh to split the loop
       over.
     axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
@@ -423,7 +457,7 @@ def nnx_train_step(
         'accum_jax.accumulate(optax.adam(1e-3), k), wrt=nnx.Param); got '
         f'{type(optimizer).__name__}.'
     )
-  batch_argnum = _check_batch_argnum(batch_argnum, len(args))
+  batch_argnum = _check_batch_argnum(batch_argnum, len(args), batch)
   tx = optimizer.tx
   graph = getattr(optimizer, 'graph', None)
   nodes, at, args, kwargs = _take_nodes(args, kwargs)
@@ -446,8 +480,7 @@ def nnx_train_step(
     state, extra = (extra[0], extra[1:]) if stateful else (rest, extra)
     module, new_nodes = nnx.merge(graphdef, nnx.State({0: params}), state)
     extra, kw = _put_nodes(extra, kw, new_nodes, at)
-    extra = list(extra)
-    extra.insert(batch_argnum - 1, microbatch)
+    extra = _insert_batch(list(extra), microbatch, batch_argnum)
     out = loss_fn(module, *extra, **kw)
     if not stateful:
       return out

@@ -471,6 +471,28 @@ def _weight(loop: Loop, microbatch) -> jax.Array:
   return jnp.where(weight < 0, jnp.zeros_like(weight), weight)
 
 
+def _unsplit_hint(inp: Inputs, size: int, k: int) -> str | None:
+  """Names the arguments passed whole to every micro-batch whose leading
+  size is the batch's: the likely cause of a loss that fails on a
+  micro-batch of ``size // k`` rows."""
+  named = [(f'positional argument {i} after the batch', x)
+           for i, x in enumerate(inp.args)]
+  named += [(f'keyword argument {name!r}', x)
+            for name, x in inp.kwargs.items()]
+  found = []
+  for name, tree in named:
+    shapes = {np.shape(x) for x in jax.tree.leaves(tree) if np.ndim(x)}
+    if any(shape[0] == size for shape in shapes):
+      found.append(f'{name} (leading size {size})')
+  if not found or k == 1:
+    return None
+  return (f'{", ".join(found)} has the batch\'s leading size {size} but is '
+          f'passed whole to each micro-batch of {size // k} rows. If it is '
+          'batched, split it with the batch: batch_argnums= / batch_argnames= '
+          '(value_and_grad, value_and_update), a tuple batch_argnum= with a '
+          'tuple batch (nnx_train_step), or put it in the batch pytree.')
+
+
 def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   """Runs ``loop`` on every micro-batch of ``inp.batch`` in one ``lax.scan``.
 
@@ -496,8 +518,15 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
     return (value, aux, grads, weight), new_state
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
-  outs_like, new_state_like = jax.eval_shape(
-      functools.partial(one, prescale=False), index0, inp.state)
+  try:
+    outs_like, new_state_like = jax.eval_shape(
+        functools.partial(one, prescale=False), index0, inp.state)
+  except (TypeError, ValueError) as e:
+    hint = _unsplit_hint(inp, _split.batch_size(inp.batch, k, axes), k)
+    if hint is None:
+      raise
+    raise ValueError(f'{hint} The loss failed on a micro-batch with: '
+                     f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
   value_like, aux_like, grads_like, _ = outs_like
   shapes = _sums.Shapes(value_like, aux_like, grads_like,
                         _sums.summed_leaves(loop.aux_modes, aux_like))

@@ -228,3 +228,57 @@ def test_lookahead_in_step_and_cross_step_are_the_full_batch_steps():
     np.testing.assert_allclose(got.slow['w'], ref_params.slow['w'],
                                rtol=1e-5, atol=1e-7)
   del batch
+
+
+def nnx_setup():
+  nnx = pytest.importorskip('flax.nnx')
+  if not hasattr(nnx, 'as_pure'):
+    pytest.skip('nnx_train_step needs flax >= 0.12.7')
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, accum_jax.accumulate(optax.sgd(0.1), K),
+                            wrt=nnx.Param)
+  return nnx, model, optimizer
+
+
+def cookbook_loss(model, x, y):
+  """The Flax cookbook's loss: the batch as two arguments."""
+  return jnp.mean((model(x)[:, 0] - y) ** 2)
+
+
+def test_nnx_several_batched_arguments_are_the_full_batch_step():
+  d = data()
+  for order in ((1, 2), (2, 1)):
+    nnx, model, optimizer = nnx_setup()
+    kernel, bias = model.kernel[...], model.bias[...]
+
+    def full(kernel):
+      return cookbook_loss(lambda x, kernel=kernel: x @ kernel + bias,
+                           d['x'], d['y'])
+
+    ref_loss, grad = jax.value_and_grad(full)(kernel)
+    # The loss takes x and y in the order batch_argnum puts them.
+    loss_fn = cookbook_loss if order == (1, 2) else (
+        lambda model, y, x: cookbook_loss(model, x, y))
+    loss = nnx.jit(lambda m, o, b, f=loss_fn, order=order:
+                   accum_jax.nnx_train_step(m, o, b, f, batch_argnum=order))(
+                       model, optimizer, (d['x'], d['y']))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(model.kernel[...], kernel - 0.1 * grad,
+                               rtol=1e-6)
+
+
+def test_an_unsplit_batch_sized_argument_is_named():
+  nnx, model, optimizer = nnx_setup()
+  d = data()
+  with pytest.raises(ValueError, match=r'positional argument 0 after the '
+                     r'batch \(leading size 16\).*micro-batch of 4 rows'):
+    accum_jax.nnx_train_step(model, optimizer, d['x'], cookbook_loss, d['y'])
+  f = accum_jax.value_and_grad(lambda p, x, y: cookbook_loss(
+      lambda x: x[:, None] @ p[None], x, y), K)
+  with pytest.raises(ValueError, match=r"keyword argument 'y' \(leading "
+                     r'size 16\).*batch_argnums='):
+    f(jnp.ones(3), d['x'], y=d['y'])
+  with pytest.raises(ValueError, match='pass the batch as a tuple of that '
+                     'many'):
+    accum_jax.nnx_train_step(model, optimizer, d['x'], cookbook_loss,
+                             batch_argnum=(1, 2))
