@@ -20,6 +20,7 @@ import jax
 import optax
 
 try:
+  from flax import errors as flax_errors
   from flax import nnx
 except ImportError as e:  # pragma: no cover - depends on the environment
   raise ImportError(
@@ -494,9 +495,19 @@ def nnx_train_step(
                    mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
                    param_specs=param_specs, unroll=unroll)
   _check_opt_state(tx, opt_state, 'optimizer')
-  value, updates, opt_state, new_rest = _scan.optimizer_step(
-      loop, tx, _loop.inputs(loop, params, batch, args, kwargs,
-                             rest if stateful else None), opt_state)
+  try:
+    value, updates, opt_state, new_rest = _scan.optimizer_step(
+        loop, tx, _loop.inputs(loop, params, batch, args, kwargs,
+                               rest if stateful else None), opt_state)
+  except flax_errors.TraceContextError as e:
+    raise ValueError(
+        'loss_fn closes over an NNX object (an nnx.Rngs, a module) that it '
+        'updates: nnx_train_step traces loss_fn inside a lax.scan over the '
+        'micro-batches, where an NNX object from outside cannot change. Pass '
+        'it as an argument instead, e.g. nnx_train_step(model, optimizer, '
+        'batch, loss_fn, rngs, batch_argnum=2) for loss_fn(model, rngs, '
+        'batch): it is then threaded through the micro-batches, a fresh key '
+        f'for each. ({str(e).splitlines()[0]})') from e
   nnx.update((model, nodes),
              nnx.State({0: optax.apply_updates(params, updates)}),
              new_rest if stateful else rest)

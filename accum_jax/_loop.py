@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ import numpy as np
 from accum_jax import (
   _checks,
   _compat,
+  _keys,
   _noise,
   _nonfinite,
   _split,
@@ -519,14 +521,17 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
   try:
-    outs_like, new_state_like = jax.eval_shape(
-        functools.partial(one, prescale=False), index0, inp.state)
+    traced, (outs_like, new_state_like) = jax.make_jaxpr(
+        functools.partial(one, prescale=False), return_shape=True)(
+            index0, inp.state)
   except (TypeError, ValueError) as e:
     hint = _unsplit_hint(inp, _split.batch_size(inp.batch, k, axes), k)
     if hint is None:
       raise
     raise ValueError(f'{hint} The loss failed on a micro-batch with: '
                      f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+  if k > 1 and _keys.fixed_draws(traced):
+    warnings.warn(_keys.MESSAGE, stacklevel=4)
   value_like, aux_like, grads_like, _ = outs_like
   shapes = _sums.Shapes(value_like, aux_like, grads_like,
                         _sums.summed_leaves(loop.aux_modes, aux_like))

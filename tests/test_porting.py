@@ -282,3 +282,49 @@ def test_an_unsplit_batch_sized_argument_is_named():
                      'many'):
     accum_jax.nnx_train_step(model, optimizer, d['x'], cookbook_loss,
                              batch_argnum=(1, 2))
+
+
+def dropout_loss(key):
+  def loss(params, batch):
+    keep = jax.random.bernoulli(key, 0.5, batch['x'].shape)
+    pred = jnp.tanh(jnp.where(keep, batch['x'], 0.0) @ params['w'])
+    return jnp.mean((pred - batch['y']) ** 2)
+  return loss
+
+
+@pytest.mark.parametrize('key', [jax.random.key(0), jax.random.PRNGKey(0)])
+def test_a_key_held_in_a_closure_is_named(key):
+  f = accum_jax.value_and_grad(dropout_loss(key), K)
+  with pytest.warns(UserWarning, match='same in every micro-batch'):
+    jax.jit(f)(PARAMS, data())
+
+
+def test_keys_that_change_per_microbatch_raise_no_warning():
+  def loss(params, batch, rng):
+    return dropout_loss(rng)(params, batch)
+  f = accum_jax.value_and_grad(loss, K)
+  for rng in (jax.random.key(0), jax.random.PRNGKey(0)):
+    jax.jit(lambda p, b, r: f(p, b, rng=r))(PARAMS, data(), rng)  # folded
+  jax.jit(f)(PARAMS, data(), jax.random.key(1))  # a new-style key: folded
+  # A key in a scan over layers, folded with the index, is fine too.
+  def layers(params, batch, rng):
+    def body(h, i):
+      k = jax.random.fold_in(rng, i)
+      return jnp.where(jax.random.bernoulli(k, 0.9, h.shape), h, 0.0), None
+    h, _ = jax.lax.scan(body, batch['x'], jnp.arange(3))
+    return jnp.mean((jnp.tanh(h @ params['w']) - batch['y']) ** 2)
+  accum_jax.value_and_grad(layers, K)(PARAMS, data(), rng=jax.random.key(2))
+
+
+def test_an_nnx_rngs_in_a_closure_is_named():
+  nnx, model, optimizer = nnx_setup()
+  rngs = nnx.Rngs(dropout=0)
+  drop = nnx.Dropout(0.5)
+
+  def loss(model, x, y):
+    return cookbook_loss(lambda x: model(drop(x, rngs=rngs)), x, y)
+
+  d = data()
+  with pytest.raises(ValueError, match='closes over an NNX object'):
+    accum_jax.nnx_train_step(model, optimizer, (d['x'], d['y']), loss,
+                             batch_argnum=(1, 2))
