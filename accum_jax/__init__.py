@@ -21,27 +21,26 @@ from accum_jax._noise import (
   noise_scale,
 )
 from accum_jax._norms import WindowNorms
-from accum_jax._planner import (
-  CompiledMemory,
-  MemoryPlan,
-  PlanCandidate,
-  PlanDoesNotFit,
-  compiled_memory,
-  plan_microbatches,
-)
 from accum_jax._scan import value_and_grad, value_and_update
 from accum_jax._split import concat_microbatches, split_batch
 from accum_jax._targets import Target, gpu_target, load_target
 
 __version__ = '0.1.0'
 
-# Flax and Equinox are optional dependencies: these names import them on
-# first use.
+# Flax and Equinox are optional dependencies, and the planner reads
+# compiled HLO text: these names import their modules on first use, so that
+# `import accum_jax` loads none of them.
 _LAZY = {
     'filter_value_and_grad': 'accum_jax._equinox',
     'filter_value_and_update': 'accum_jax._equinox',
     'linen_train_step': 'accum_jax._flax',
     'nnx_train_step': 'accum_jax._flax',
+    'CompiledMemory': 'accum_jax._planner',
+    'MemoryPlan': 'accum_jax._planner',
+    'PlanCandidate': 'accum_jax._planner',
+    'PlanDoesNotFit': 'accum_jax._planner',
+    'compiled_memory': 'accum_jax._planner',
+    'plan_microbatches': 'accum_jax._planner',
 }
 
 
