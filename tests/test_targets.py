@@ -147,3 +147,18 @@ def test_layout_errors():
   with pytest.raises(TypeError, match='must return a jax.sharding'):
     accum_jax.plan_microbatches(step, *args, target=cpu, mesh_axes='data',
                                 in_specs=(lambda x: None, None, None), **kw)
+
+
+def test_import_accum_jax_stays_light():
+  """No compiler plugin, topology description or HLO text parser is loaded
+  by `import accum_jax`; the planner's names load it on first use."""
+  code = ('import sys, accum_jax\n'
+          'heavy = [m for m in ("accum_jax._planner", "jax.experimental.'
+          'topologies", "libtpu", "jax_cuda12_plugin") if m in sys.modules]\n'
+          'assert not heavy, heavy\n'
+          'accum_jax.plan_microbatches\n'
+          'assert "accum_jax._planner" in sys.modules\n'
+          'print("ok")')
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr
