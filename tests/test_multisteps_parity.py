@@ -468,7 +468,11 @@ def test_optax_multi_steps_zero_nans():
   tx = accum_jax.accumulate(optax.chain(optax.zero_nans(), optax.sgd(1e-4)),
                             2)
   params = {'a': jnp.zeros([])}
-  tx.update({'a': jnp.zeros([])}, tx.init(params), params)
+  updates, state = tx.update({'a': jnp.zeros([])}, tx.init(params), params)
+  assert float(updates['a']) == 0.0 and int(state.count) == 1
+  updates, state = tx.update({'a': jnp.array(jnp.nan)}, state, params)
+  # zero_nans in the inner chain sees the window's mean once, at its end.
+  assert float(updates['a']) == 0.0 and int(state.count) == 0
 
 
 @pytest.mark.parametrize('use_grad_mean, expected', [(True, 2.5),

@@ -82,11 +82,18 @@ def test_value_and_update_equals_full_batch_adam():
 
 def test_unroll_with_ragged_window_and_weights():
   params, batch = make_params(), make_batch()
-  real = jax.tree.map(lambda x: x[np.arange(B) % K < 3], batch)
-  f = accum_jax.value_and_grad(loss_fn, K, unroll=2,
-                               weight_fn=lambda mb: jnp.float32(1.0))
+
+  def weight(mb):  # differs per micro-batch, so a weighting bug shows
+    return 1.0 + jnp.mean(jnp.abs(mb['x']))
+
+  def weighted(p):  # the 3 real strided micro-batches, weighted
+    mbs = [jax.tree.map(lambda x, j=j: x[j::K], batch) for j in range(3)]
+    ws = [weight(mb) for mb in mbs]
+    return sum(w * loss_fn(p, mb) for w, mb in zip(ws, mbs)) / sum(ws)
+
+  f = accum_jax.value_and_grad(loss_fn, K, unroll=2, weight_fn=weight)
   close(jax.jit(f)(params, batch, num_real_microbatches=3),
-        jax.value_and_grad(loss_fn)(params, real))
+        jax.value_and_grad(weighted)(params))
 
 
 def test_linen_train_step_forwards_unroll():
