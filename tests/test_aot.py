@@ -14,8 +14,8 @@ import os
 import pytest
 
 TARGET = os.environ.get('AOT_TARGET', '')
-pytestmark = pytest.mark.skipif(
-    not TARGET, reason='compile-only: set AOT_TARGET (run by .ci/aot)')
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not TARGET, reason='compile-only: set AOT_TARGET (run by .ci/aot)')]
 
 LIMIT = 1.01
 

@@ -14,6 +14,8 @@ from benchmarks import (
   run,  # noqa: E402
 )
 
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 # optax.microbatching is new in optax 0.2.7.
 MICROBATCH = ('optax_microbatch',) if hasattr(optax, 'microbatching') else ()
 

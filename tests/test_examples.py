@@ -10,6 +10,8 @@ import pytest
 
 import accum_jax
 
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / 'examples'
 

@@ -15,6 +15,8 @@ import numpy as np
 import optax
 import pytest
 
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 HERE = pathlib.Path(__file__).parent
 _spec = importlib.util.spec_from_file_location(
     'multihost_worker', HERE / 'multihost_worker.py')

@@ -47,6 +47,8 @@ from sklearn.datasets import load_digits
 
 import accum_jax
 
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 K = 4
 B = 32
 LEARNING_RATE = 0.005

@@ -11,6 +11,8 @@ import pytest
 import accum_jax
 from tests._helpers import heavy_layers
 
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 B, WIDTH, DEPTH = 256, 64, 6
 NAMES = jax.checkpoint_policies.save_only_these_names('layer')
 

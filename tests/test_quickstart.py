@@ -4,6 +4,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

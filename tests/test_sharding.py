@@ -22,6 +22,8 @@ import pytest
 import accum_jax
 from benchmarks import hlo as _hlo
 
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 HERE = pathlib.Path(__file__).parent
 CONFIGS = ('dp', 'fsdp', '2d', 'auto')
 KS = (1, 2, 4, 8)

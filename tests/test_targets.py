@@ -20,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 import accum_jax
 from tests import _plan_case
 
+pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
