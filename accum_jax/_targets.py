@@ -167,16 +167,22 @@ def _first_line(e: Exception) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def _small_host(topology: str) -> dict[str, Any]:
-  """libtpu describes hosts of 4 chips by default; a slice of fewer chips
-  (``v5e:1x1``, one chip) is one host of its own size."""
+def _tpu_options(topology: str) -> dict[str, Any]:
+  """libtpu's options for a topology: a slice of fewer than the default
+  host's 4 chips (``v5e:1x1``, one chip) is one host of its own size; a v4
+  is one device per chip."""
   dims = re.fullmatch(r'[^:]+:(\d+)x(\d+)(?:x(\d+))?', topology)
   if dims is None:
     return {}
   shape = tuple(int(d) for d in dims.groups(default='1'))
-  if shape[0] * shape[1] * shape[2] >= 4:
-    return {}
-  return {'chips_per_host_bounds': shape}
+  options = {}
+  if topology.startswith('v4'):
+    # One device per chip (both TensorCores), as JAX runs a v4; libtpu's
+    # default describes one per core.
+    options['chip_config_name'] = 'megacore'
+  if shape[0] * shape[1] * shape[2] < 4:
+    options['chips_per_host_bounds'] = shape
+  return options
 
 
 def gpu_target(description: str, count: int = 1, *,
@@ -271,7 +277,7 @@ def load_target(target: 'str | Target', *, headroom: float | None = None
   if kind == 'tpu':
     try:
       topology = topologies.get_topology_desc(
-          platform='tpu', topology_name=rest, **_small_host(rest))
+          platform='tpu', topology_name=rest, **_tpu_options(rest))
     except Exception as e:  # noqa: BLE001 - libtpu's errors vary by version
       raise RuntimeError(
           f'target {target!r}: XLA:TPU could not describe topology {rest!r} '

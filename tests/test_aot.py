@@ -135,3 +135,16 @@ def test_each_gpu_description_compiles_and_has_its_memory(name, gib):
   assert name.split('-')[0].upper() in target.devices[0].device_kind
   peaks = _plan_case.check_plans(name, layouts=('one device',), ks=(1, 8))
   assert peaks['one device'][8] < peaks['one device'][1]
+
+
+@pytest.mark.skipif(TARGET[:3] != 'tpu', reason='TPU topologies')
+@pytest.mark.parametrize('name, devices, gib', [
+    ('tpu:v4:2x2x1', 4, 32.0), ('tpu:v5p:2x2x1', 4, 95e9 / 2**30),
+    ('tpu:v6e:2x2', 4, 32.0), ('tpu:v5e:1x1', 1, 16.0),
+    ('tpu:v5e:16x16', 256, 16.0)])
+def test_each_tpu_generation_loads_with_its_memory(name, devices, gib):
+  import accum_jax
+  target = accum_jax.load_target(name)
+  assert len(target.devices) == devices
+  assert target.memory_bytes / 2**30 == pytest.approx(gib)
+  assert target.budget_bytes == int(target.memory_bytes * 0.95)
