@@ -30,6 +30,16 @@ class Shapes(NamedTuple):
   summed: Any = None
 
 
+def _zeros(like: Any, dtype: Any) -> jax.Array:
+  """Zeros of ``like``'s shape, sharded as ``like`` along the mesh axes its
+  type names (explicit axes the loop does not split over: a 2-D layout's
+  'model' axis); plain zeros otherwise."""
+  spec = getattr(getattr(like, 'sharding', None), 'spec', None)
+  if spec is not None and any(s is not None for s in spec):
+    return jnp.zeros(like.shape, dtype, out_sharding=spec)
+  return jnp.zeros(like.shape, dtype)
+
+
 def summed_leaves(modes: Any, aux_like: Any) -> Any:
   """The ``Shapes.summed`` tree of an aux reduction: ``modes`` is
   ``'mean'``, ``'sum'`` or a pytree prefix of them over ``aux_like``."""
@@ -169,7 +179,7 @@ class Sums(NamedTuple):
     None."""
     if grads is None:
       grads = jax.tree.map(
-          lambda g: jnp.zeros(g.shape, acc_dtype(g.dtype, accumulator_dtype)),
+          lambda g: _zeros(g, acc_dtype(g.dtype, accumulator_dtype)),
           shapes.grads)
     aux = None
     if reduce_aux and shapes.aux is not None:

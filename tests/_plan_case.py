@@ -48,9 +48,34 @@ def fsdp(leaf):
   return P('data') if leaf.ndim and leaf.shape[0] % 8 == 0 else P()
 
 
+def model_parallel(leaf):
+  """Shard a matrix's columns over 'model' (the 2-D layout's second axis)."""
+  return P(None, 'model') if leaf.ndim == 2 else P()
+
+
+def mesh_2d(target):
+  return _compat.make_mesh((len(target.devices) // 2, 2), ('data', 'model'),
+                           devices=target.devices)
+
+
 def direct_peak(target, step, args, layout):
   """The step compiled straight for ``target`` on a 1-D 'data' mesh
-  (``layout``: 'one device', 'dp' or 'fsdp'); XLA's own peak."""
+  (``layout``: 'one device', 'dp' or 'fsdp') or a 2-D ('data', 'model')
+  one ('2d'); XLA's own peak."""
+  if layout == '2d':
+    mesh = mesh_2d(target)
+    params, opt_state, batch = args
+    placed = (*jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=NamedSharding(mesh, model_parallel(x))),
+        (params, opt_state)),
+              jax.ShapeDtypeStruct(batch.shape, batch.dtype,
+                                   sharding=NamedSharding(mesh, P('data'))))
+    with _compat.set_mesh(mesh):
+      compiled = jax.jit(step, donate_argnums=DONATE).lower(*placed).compile()
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes
+            + m.temp_size_in_bytes - m.alias_size_in_bytes)
   if layout == 'one device':
     s = jax.sharding.SingleDeviceSharding(target.devices[0])
     placed = jax.tree.map(
@@ -81,6 +106,10 @@ def direct_peak(target, step, args, layout):
 def plan(target, args, layout, **kw):
   specs = {'one device': {}, 'dp': dict(mesh_axes=('data',)),
            'fsdp': dict(mesh_axes=('data',), in_specs=(fsdp, fsdp, None))}
+  if layout == '2d':
+    specs['2d'] = dict(mesh=mesh_2d(accum_jax.load_target(target)),
+                       mesh_axes=('data',),
+                       in_specs=(model_parallel, model_parallel, None))
   return accum_jax.plan_microbatches(
       make_step, *args, batch_argnum=2, donate_argnums=DONATE, target=target,
       print_fn=None, **specs[layout], **kw)

@@ -328,3 +328,51 @@ def test_an_nnx_rngs_in_a_closure_is_named():
   with pytest.raises(ValueError, match='closes over an NNX object'):
     accum_jax.nnx_train_step(model, optimizer, (d['x'], d['y']), loss,
                              batch_argnum=(1, 2))
+
+
+def test_a_two_dimensional_explicit_mesh_matches_the_full_batch():
+  """MaxText's layout: the batch over 'data', the weights' columns over
+  'model' (Explicit axes). The loop runs per 'data' shard with its carry
+  sharded over 'model' like the gradient (it failed before: the carry's
+  zeros were unsharded)."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = textwrap.dedent("""
+      import os
+      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+      import jax, jax.numpy as jnp, numpy as np, optax
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      import accum_jax
+      from accum_jax import _compat
+      mesh = _compat.make_mesh((4, 2), ('data', 'model'))
+      rng = np.random.default_rng(0)
+      params = [jnp.asarray(rng.normal(size=(16, 16)) / 4, jnp.float32)
+                for _ in range(3)]
+      batch = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+      def loss_fn(params, x):
+        for w in params:
+          x = jnp.tanh(x @ w)
+        return jnp.mean(x ** 2)
+      ref_loss, ref_grads = jax.value_and_grad(loss_fn)(params, batch)
+      ps = jax.device_put(params, NamedSharding(mesh, P(None, 'model')))
+      xs = jax.device_put(batch, NamedSharding(mesh, P('data')))
+      tx = accum_jax.accumulate(optax.sgd(0.1), 4, cross_step=False)
+      with _compat.set_mesh(mesh):
+        loss, grads = jax.jit(accum_jax.value_and_grad(loss_fn, 4))(ps, xs)
+        _, updates, _ = jax.jit(accum_jax.value_and_update(loss_fn, tx))(
+            ps, tx.init(ps), xs)
+      np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+      for g, u, r in zip(grads, updates, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(u, -0.1 * r, rtol=1e-5, atol=1e-8)
+        assert g.sharding.spec == P(None, 'model'), g.sharding
+      print('ok')
+  """)
+  env = dict(os.environ, PYTHONPATH=root)
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]

@@ -35,7 +35,7 @@ def test_eight_cpu_devices_data_parallel_and_fsdp():
       import os
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
       from tests import _plan_case
-      peaks = _plan_case.check_plans('cpu:8', layouts=('dp', 'fsdp'))
+      peaks = _plan_case.check_plans('cpu:8', layouts=('dp', 'fsdp', '2d'))
       # FSDP holds an eighth of the params and optimizer state per device.
       assert peaks['fsdp'][4] < peaks['dp'][4], peaks
       import accum_jax, pytest
