@@ -16,10 +16,10 @@ RANDOM = ('random_bits', 'threefry2x32')
 def _subjaxprs(params: dict[str, Any]):
   for value in params.values():
     for x in value if isinstance(value, (tuple, list)) else (value,):
-      if hasattr(x, 'eqns'):
-        yield x
-      elif hasattr(getattr(x, 'jaxpr', None), 'eqns'):
+      if hasattr(getattr(x, 'jaxpr', None), 'eqns'):  # a ClosedJaxpr
         yield x.jaxpr
+      elif hasattr(x, 'eqns') and hasattr(x, 'invars'):  # a Jaxpr
+        yield x
 
 
 def _walk(jaxpr: Any, varying_in: list[bool], found: list[str]) -> None:
