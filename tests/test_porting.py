@@ -368,7 +368,10 @@ def test_a_two_dimensional_explicit_mesh_matches_the_full_batch():
       for g, u, r in zip(grads, updates, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(u, -0.1 * r, rtol=1e-5, atol=1e-8)
-        assert g.sharding.spec == P(None, 'model'), g.sharding
+        # jax 0.7.0 returns the gradient replicated (same numbers); 0.10.2
+        # keeps the params' sharding.
+        if tuple(int(v) for v in jax.__version__.split('.')[:2]) >= (0, 10):
+          assert g.sharding.spec == P(None, 'model'), g.sharding
       print('ok')
   """)
   env = dict(os.environ, PYTHONPATH=root)
