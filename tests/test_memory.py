@@ -187,13 +187,17 @@ def test_memory_falls_with_k_on_activations(k):
 def test_in_step_paths_match_hand_written_twin(path):
   from benchmarks import memory_paths
 
-  if 'noise' in path and _jax_version() < (0, 10, 2):
+  if ('noise' in path or 'track_norms' in path) and _jax_version() < (
+      0, 10, 2):
     # Measured 124.62 vs 100.88 MiB on jax/jaxlib 0.7.0, 0.9.0, 0.10.0 and
     # 0.10.1: their XLA copies the accumulator into the loop because its
     # squared norm is read after the loop, before the mean is taken in its
     # buffer (an optimization_barrier, or the norm of the mean, does not
     # help there). README, "Memory".
-    pytest.skip('tracking the noise scale is at the limit from jax 0.10.2')
+    # The window's gradient norm, read from the sum after the loop, costs
+    # the same there (124.62 vs 100.88 MiB on jax 0.7.0).
+    pytest.skip('tracking the noise scale or the gradient norm is at the '
+                'limit from jax 0.10.2')
 
   params, batch = memory_paths.setup()
   rows = {name: row for name, *row in memory_paths.rows(k=8)}
@@ -211,6 +215,8 @@ def test_update_norm_costs_at_most_the_updates_buffer():
   8 MiB); no more. XLA:GPU and XLA:TPU are at the loop (tests/test_aot.py)."""
   from benchmarks import memory_paths
 
+  if _jax_version() < (0, 10, 2):
+    pytest.skip('the gradient norm costs the sum a copy before jax 0.10.2')
   params, batch = memory_paths.setup()
   rows = {name: row for name, *row in memory_paths.rows(k=8)}
   ours, twin, _ = rows['track_norms=True (vs twin logging both)']
