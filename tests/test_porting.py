@@ -379,3 +379,41 @@ def test_a_two_dimensional_explicit_mesh_matches_the_full_batch():
   out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
+
+
+# optax's own lookahead test, ported: its analytic setting (constant
+# gradients 2 and -2, a fast optimizer stepping by 0.5 per unit gradient,
+# sync every 3 steps, slow step 1/3), with every optimizer step a window of
+# K micro-batches, cross-step and in-step.
+LOOKAHEAD_GRADS = {'x': jnp.asarray(2.0), 'y': jnp.asarray(-2.0)}
+
+
+def linear_loss(params, batch):
+  return 2.0 * params['x'] - 2.0 * params['y'] + 0.0 * jnp.sum(batch)
+
+
+@pytest.mark.parametrize('sync_period, slow_step_size, steps, want', [
+    (3, 1 / 3, 6, {'x': 1.0, 'y': -1.0}),
+    (1, 0.5, 2, {'x': 1.0, 'y': -1.0}),
+    (1, 0.0, 2, {'x': 3.0, 'y': -3.0}),
+    (1, 1.0, 2, {'x': -1.0, 'y': 1.0}),
+    (2, 1.0, 2, {'x': -1.0, 'y': 1.0})])
+def test_optax_lookahead_analytic_windows(sync_period, slow_step_size, steps,
+                                          want):
+  fast_step = 0.5 if sync_period == 3 else 1.0
+  opt = optax.lookahead(optax.sgd(fast_step), sync_period, slow_step_size)
+  tx = accum_jax.accumulate(opt, K)
+  start = optax.LookaheadParams.init_synced({'x': jnp.asarray(3.0),
+                                             'y': jnp.asarray(-3.0)})
+  params, state = start, tx.init(start)
+  for _ in range(steps * K):
+    updates, state = tx.update(LOOKAHEAD_GRADS, state, params)
+    params = optax.apply_updates(params, updates)
+  in_step = accum_jax.value_and_update(linear_loss, tx)
+  p, s = start, tx.init(start)
+  for _ in range(steps):
+    _, updates, s = jax.jit(in_step)(p, s, jnp.zeros((K, 1)))
+    p = optax.apply_updates(p, updates)
+  for got in (params.slow, p.slow):
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], atol=1e-6)
