@@ -62,29 +62,18 @@ def direct_peak(target, step, args, layout):
   """The step compiled straight for ``target`` on a 1-D 'data' mesh
   (``layout``: 'one device', 'dp' or 'fsdp') or a 2-D ('data', 'model')
   one ('2d'); XLA's own peak."""
-  if layout == '2d':
-    mesh = mesh_2d(target)
-    params, opt_state, batch = args
-    placed = (*jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=NamedSharding(mesh, model_parallel(x))),
-        (params, opt_state)),
-              jax.ShapeDtypeStruct(batch.shape, batch.dtype,
-                                   sharding=NamedSharding(mesh, P('data'))))
-    with _compat.set_mesh(mesh):
-      compiled = jax.jit(step, donate_argnums=DONATE).lower(*placed).compile()
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes
-            + m.temp_size_in_bytes - m.alias_size_in_bytes)
   if layout == 'one device':
     s = jax.sharding.SingleDeviceSharding(target.devices[0])
     placed = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), args)
     mesh = None
   else:
-    mesh = _compat.make_mesh((len(target.devices),), ('data',),
-                             devices=target.devices)
-    rule = fsdp if layout == 'fsdp' else (lambda _: P())
+    if layout == '2d':
+      mesh, rule = mesh_2d(target), model_parallel
+    else:
+      mesh = _compat.make_mesh((len(target.devices),), ('data',),
+                               devices=target.devices)
+      rule = fsdp if layout == 'fsdp' else (lambda _: P())
     params, opt_state, batch = args
     placed = (*jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(

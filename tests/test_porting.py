@@ -2,6 +2,11 @@
 optax's wrappers): each case against the full-batch computation, or the
 accum_jax error it now gets."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +16,16 @@ import pytest
 import accum_jax
 
 K = 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def on_eight_devices(code):
+  """Runs ``code`` in a process with 8 CPU devices; it prints 'ok'."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
 
 
 def data(seed=0, n=16):
@@ -136,11 +151,6 @@ def test_aux_sum_in_value_and_update_and_bad_specs():
 def test_aux_sum_on_a_mesh_of_eight():
   """Summed aux leaves are summed over the devices, not scaled by the unit
   weights' 1 / shards, with and without weight_fn."""
-  import os
-  import subprocess
-  import sys
-  import textwrap
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = textwrap.dedent("""
       import os
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
@@ -162,11 +172,7 @@ def test_aux_sum_on_a_mesh_of_eight():
         np.testing.assert_allclose(aux['count'], ref['count'])
       print('ok')
   """)
-  env = dict(os.environ, PYTHONPATH=root)
-  env.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
+  on_eight_devices(code)
 
 
 def sq_loss(params, batch):
@@ -335,11 +341,6 @@ def test_a_two_dimensional_explicit_mesh_matches_the_full_batch():
   'model' (Explicit axes). The loop runs per 'data' shard with its carry
   sharded over 'model' like the gradient (it failed before: the carry's
   zeros were unsharded)."""
-  import os
-  import subprocess
-  import sys
-  import textwrap
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = textwrap.dedent("""
       import os
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
@@ -374,11 +375,7 @@ def test_a_two_dimensional_explicit_mesh_matches_the_full_batch():
           assert g.sharding.spec == P(None, 'model'), g.sharding
       print('ok')
   """)
-  env = dict(os.environ, PYTHONPATH=root)
-  env.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
+  on_eight_devices(code)
 
 
 # optax's own lookahead test, ported: its analytic setting (constant
