@@ -17,6 +17,8 @@ import pytest
 
 import accum_jax
 from accum_jax import _compat
+from tests import _helpers
+from tests._helpers import assert_trees_equal
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -39,17 +41,8 @@ def small_batch(n=8):
   return {'x': x, 'y': x @ jnp.array([[1.0], [-1.0]]) + 0.3}
 
 
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def assert_trees_close(a, b, rtol, atol=0.0):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
+  _helpers.assert_trees_close(a, b, rtol=rtol, atol=atol)
 
 
 # Item 1: flax.serialization round-trips a TrainState with an accumulate

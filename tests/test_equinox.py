@@ -38,6 +38,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from sklearn.datasets import load_digits
 
 import accum_jax
+from tests._helpers import assert_trees_close
 
 K = 4
 BATCH_SIZE = 64
@@ -171,10 +172,8 @@ def test_changed_lines():
 
 
 def assert_models_close(a, b, atol):
-  a, b = eqx.filter(a, eqx.is_array), eqx.filter(b, eqx.is_array)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
-                                                       atol=atol), a, b)
+  assert_trees_close(eqx.filter(a, eqx.is_array), eqx.filter(b, eqx.is_array),
+                     rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize('version', ['grad', 'update'])

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import accum_jax
+from tests._helpers import assert_trees_close
 
 try:
   import optax.microbatching as mb
@@ -70,11 +71,7 @@ def clip(grads):
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    assert np.shape(x) == np.shape(y)
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
+  assert_trees_close(a, b, rtol=rtol, atol=atol)
 
 
 def _per_example_grads(params, x, y):

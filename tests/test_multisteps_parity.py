@@ -23,6 +23,7 @@ import optax
 import pytest
 
 import accum_jax
+from tests._helpers import assert_trees_close
 
 PARAMS = {'w': jnp.array([0.5, -1.0, 2.0, 0.25]), 'b': jnp.array(0.1)}
 
@@ -45,9 +46,7 @@ def _stream(n, seed=0, nan_at=(), inf_at=(), large_at=()):
 
 
 def _close(a, b, atol=1e-6):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5,
-      atol=atol), a, b)
+  assert_trees_close(a, b, rtol=1e-5, atol=atol)
 
 
 def _inner():

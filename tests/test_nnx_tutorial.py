@@ -46,6 +46,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import accum_jax
+from tests import _helpers
 
 pytestmark = pytest.mark.slow  # run by .ci/run's second pytest call
 
@@ -141,10 +142,8 @@ def new_metrics():
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
-  a, b = nnx.as_pure(a), nnx.as_pure(b)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+  _helpers.assert_trees_close(nnx.as_pure(a), nnx.as_pure(b), rtol=rtol,
+                              atol=atol)
 
 
 def rng_state(rngs):

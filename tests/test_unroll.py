@@ -9,6 +9,7 @@ import pytest
 from jax.ad_checkpoint import checkpoint_name
 
 import accum_jax
+from tests._helpers import assert_trees_close
 
 B, WIDTH, DEPTH, K = 64, 32, 3, 4
 # Saves only the layer outputs: less memory than no remat, more flops.
@@ -36,9 +37,7 @@ def make_batch(seed=1):
 
 
 def close(got, want):
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5,
-                               atol=1e-6)
+  assert_trees_close(got, want, rtol=2e-5, atol=1e-6)
 
 
 def while_loops(fn, *args):
