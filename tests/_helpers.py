@@ -19,12 +19,14 @@ import accum_jax
 
 
 def assert_trees_close(a, b, *, rtol, atol, check_dtype=False):
-  """Same tree structure and every leaf allclose, compared in float64.
+  """Same tree structure and leaf shapes, every leaf allclose, compared in
+  float64.
 
   ``check_dtype`` also asks every pair of leaves for the same dtype.
   """
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert np.shape(x) == np.shape(y), (np.shape(x), np.shape(y))
     if check_dtype:
       assert x.dtype == y.dtype, (x.dtype, y.dtype)
     np.testing.assert_allclose(np.asarray(x, np.float64),
