@@ -12,15 +12,10 @@ from accum_jax._accumulate import (
   AccumulateTransformation,
   accumulate,
   flush,
-  has_updated,
-  window_norms,
 )
-from accum_jax._noise import (
-  NoiseScale,
-  adaptive_num_microbatches,
-  noise_scale,
-)
+from accum_jax._noise import NoiseScale, adaptive_num_microbatches
 from accum_jax._norms import WindowNorms
+from accum_jax._readers import has_updated, noise_scale, window_norms
 from accum_jax._scan import value_and_grad, value_and_update
 from accum_jax._split import concat_microbatches, split_batch
 from accum_jax._targets import Target, gpu_target, load_target

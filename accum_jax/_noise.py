@@ -186,65 +186,9 @@ def check_decay(decay: Any) -> float:
   return float(decay)
 
 
-def _find_state(state: Any) -> Any:
-  """The ``AccumulateState`` in ``state`` (itself, or one nested in e.g. a
-  Flax ``TrainState``)."""
-  from accum_jax._accumulate import find_states  # it imports this module
-  found = find_states(state)
-  if len(found) != 1:
-    raise TypeError(
-        'noise_scale expects the AccumulateState of an accum_jax.accumulate '
-        "transform (or a pytree holding exactly one, e.g. a Flax TrainState; "
-        "for an nnx.Optimizer pass nnx.as_pure(optimizer.opt_state)), got "
-        f'{type(state).__name__} holding {len(found)}.'
-    )
-  return found[0]
-
-
-def noise_scale(state: Any) -> NoiseScale:
-  r"""The gradient noise scale estimated so far (McCandlish et al. 2018).
-
-  Needs a transform built with ``accumulate(..., track_noise_scale=True)``.
-  Each window contributes the unbiased estimates of :math:`|G|^2` (the true
-  gradient's squared norm) and :math:`S = \mathrm{tr}\,\Sigma` (the per-example
-  gradient covariance's trace) from its pieces' squared norms and its mean's;
-  each is smoothed over windows with a bias-corrected EMA
-  (``noise_scale_decay``) and ``b_simple = S / |G|^2``. Sizes are in
-  examples: a micro-batch's weight when one is given (``weight_fn`` in-step,
-  ``weight=`` cross-step, e.g. tokens), else its rows in-step and 1
-  cross-step. See ``docs/noise_scale.md``.
-
-  Args:
-    state: an ``AccumulateState``, or a pytree holding exactly one (a Flax
-      ``TrainState``; for an ``nnx.Optimizer``, ``nnx.as_pure(
-      optimizer.opt_state)``).
-
-  Returns:
-    A :class:`NoiseScale` of scalar arrays (NaN before the first estimate).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import accum_jax
-    >>> def loss_fn(w, batch):
-    ...   return 0.5 * jnp.mean((batch['x'] @ w - batch['y']) ** 2)
-    >>> tx = accum_jax.accumulate(optax.sgd(0.1), 4, track_noise_scale=True)
-    >>> step = jax.jit(accum_jax.value_and_update(loss_fn, tx))
-    >>> w = jnp.zeros(3)
-    >>> opt_state = tx.init(w)
-    >>> kx, ky = jax.random.split(jax.random.key(0))
-    >>> batch = {'x': jax.random.normal(kx, (32, 3)),
-    ...          'y': jax.random.normal(ky, (32,))}
-    >>> _, _, opt_state = step(w, opt_state, batch)
-    >>> est = accum_jax.noise_scale(opt_state)
-    >>> int(est.windows), float(est.batch_size)
-    (1, 32.0)
-  """
-  noise = _find_state(state).noise
-  if not tracked(noise):
-    raise ValueError(
-        'This AccumulateState does not track the noise scale: build the '
-        'transform with accum_jax.accumulate(..., track_noise_scale=True).'
-    )
+def estimate(noise: NoiseScaleState) -> NoiseScale:
+  """The :class:`NoiseScale` of a tracked state's EMAs (NaN before the
+  first estimate)."""
   w = noise.ema_weight
   have = w > 0
   safe = jnp.where(have, w, 1.0)
