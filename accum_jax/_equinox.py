@@ -5,7 +5,7 @@ functions, sizes). :func:`filter_value_and_grad` and
 :func:`filter_value_and_update` differentiate with respect to its
 ``eqx.is_inexact_array`` leaves, as ``eqx.filter_value_and_grad`` does, and
 treat the rest as static: each call partitions the module, binds the static
-part into the loss of the driver's ``_loop.Loop`` and runs the core
+part into the loss of the driver's ``_loop.LoopSpec`` and runs the core
 (``_scan.run``, ``_scan.optimizer_step``) on the arrays.
 
 Equinox is imported only when these names are first used (``accum_jax``
@@ -26,7 +26,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       'need Equinox: pip install equinox (or accum_jax[equinox]).'
   ) from e
 
-from accum_jax import _accumulate, _checks, _loop, _scan
+from accum_jax import _accumulate, _checks, _loop, _options, _scan
 
 
 def _positions(argnums: int | Sequence[int] | None, num_args: int,
@@ -53,9 +53,9 @@ def _positions(argnums: int | Sequence[int] | None, num_args: int,
   return tuple(sorted(set(positions)))
 
 
-def _bind(loop: _loop.Loop, loss_fn: Callable[..., Any], argnums: Any,
+def _bind(loop: _loop.LoopSpec, loss_fn: Callable[..., Any], argnums: Any,
           model: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-          who: str) -> tuple[_loop.Loop, _loop.Inputs]:
+          who: str) -> tuple[_loop.LoopSpec, _loop.Inputs]:
   """This call's loop and inputs: the module's inexact arrays are the
   params, the batched arguments the batch; static leaves (of the module and
   of the other arguments) are bound into the loop's loss."""
@@ -158,19 +158,20 @@ def filter_value_and_grad(
     >>> grads.activation is None  # a static leaf, as in Equinox
     True
   """
-  loop = _loop.Loop(
-      loss_fn, _checks.check_num_microbatches(num_microbatches),
-      has_aux=has_aux, weight_fn=weight_fn,
-      accumulator_dtype=accumulator_dtype, stack_aux=stack_aux, remat=remat,
-      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
-      param_specs=param_specs)
+  options = _options.make(
+      who='filter_value_and_grad', has_aux=has_aux, weight_fn=weight_fn,
+      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
+  loop = _loop.LoopSpec(
+      loss_fn, _checks.check_num_microbatches(num_microbatches), options,
+      accumulator_dtype=accumulator_dtype)
 
   def f(model, *args, **kwargs):
     bound, inp = _bind(loop, loss_fn, argnums, model, args, kwargs,
                        'filter_value_and_grad')
-    result = _scan.run(bound, inp)
+    result = _scan.runner(bound, inp)(bound, inp, None)
     grads = result.mean_grads()
-    return result.sums.finish(result.shapes, has_aux), grads
+    return result.sums.finish(result.shapes, options.has_aux), grads
 
   return f
 
@@ -253,10 +254,11 @@ def filter_value_and_update(
       )
 
     return refuse
-  loop = _scan.for_transform(
-      tx, loss_fn, who, has_aux=has_aux, weight_fn=weight_fn,
-      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
+  options = _options.make(
+      who=who, has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
+      remat=remat, mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
+      param_specs=param_specs)
+  loop = _scan.for_transform(tx, loss_fn, who, options)
 
   def f(model, opt_state, *args, **kwargs):
     bound, inp = _bind(loop, loss_fn, argnums, model, args, kwargs, who)

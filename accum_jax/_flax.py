@@ -2,7 +2,7 @@
 
 :func:`linen_train_step` takes a ``flax.training.train_state.TrainState`` (or
 a subclass with ``batch_stats``) and :func:`nnx_train_step` an NNX model and
-its ``nnx.Optimizer``. Both build one ``_loop.Loop`` and run
+its ``nnx.Optimizer``. Both build one ``_loop.LoopSpec`` and run
 ``_scan.optimizer_step`` (the body of :func:`accum_jax.value_and_update`),
 for an ``accumulate`` optimizer or a plain one. So the split, token weighting,
 RNG folding, dtype and non-finite rules of the core apply, and the model's
@@ -28,12 +28,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       'pip install flax (or accum_jax[examples]).'
   ) from e
 
-from accum_jax import _accumulate, _checks, _loop, _scan
+from accum_jax import _accumulate, _checks, _loop, _options, _scan
 
 
 def _loop_for(tx: Any, opt_state: Any, loss_fn: Callable[..., Any],
               num_microbatches: int | None, where: str, who: str,
-              **options: Any) -> Any:
+              options: _options.LoopOptions, has_state: bool) -> Any:
   """The loop of one step: ``k`` from an accumulate ``tx``, or given for a
   plain one (which must not hide an accumulate)."""
   nested = (None if isinstance(tx, _accumulate.AccumulateTransformation)
@@ -47,7 +47,7 @@ def _loop_for(tx: Any, opt_state: Any, loss_fn: Callable[..., Any],
       )
     raise nested
   if isinstance(tx, _accumulate.AccumulateTransformation):
-    loop = _scan.for_transform(tx, loss_fn, who, **options)
+    loop = _scan.for_transform(tx, loss_fn, who, options, has_state=has_state)
     k = loop.num_microbatches
     if num_microbatches is not None and num_microbatches != k:
       raise ValueError(
@@ -65,8 +65,9 @@ def _loop_for(tx: Any, opt_state: Any, loss_fn: Callable[..., Any],
         'the optimizer state), or pass num_microbatches=k to average the '
         'gradients of k micro-batches and apply this optimizer once.'
     )
-  return _loop.Loop(loss_fn, _checks.check_num_microbatches(num_microbatches),
-                    **options)
+  return _loop.LoopSpec(loss_fn,
+                        _checks.check_num_microbatches(num_microbatches),
+                        options, has_state=has_state)
 
 
 def _check_opt_state(tx: Any, opt_state: Any, where: str) -> None:
@@ -221,12 +222,12 @@ def linen_train_step(
   """
   tx = state.tx
   names = _mutable_names(state, mutable)
+  options = _options.make(
+      who='linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
+      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce, param_specs=param_specs, unroll=unroll)
   loop = _loop_for(tx, state.opt_state, loss_fn, num_microbatches,
-                   'state.tx',
-                   'linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
-                   stack_aux=stack_aux, remat=remat, has_state=bool(names),
-                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
-                   param_specs=param_specs, unroll=unroll)
+                   'state.tx', 'linen_train_step', options, bool(names))
   _check_opt_state(tx, state.opt_state, 'state')
   model_state = ({name: getattr(state, name) for name in names} if names
                  else None)
@@ -489,11 +490,12 @@ def nnx_train_step(
     return out, nnx.as_pure(new_rest)
 
   opt_state = nnx.as_pure(optimizer.opt_state)
+  options = _options.make(
+      who='nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
+      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce, param_specs=param_specs, unroll=unroll)
   loop = _loop_for(tx, opt_state, loss, num_microbatches, 'optimizer.tx',
-                   'nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
-                   stack_aux=stack_aux, remat=remat, has_state=stateful,
-                   mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
-                   param_specs=param_specs, unroll=unroll)
+                   'nnx_train_step', options, stateful)
   _check_opt_state(tx, opt_state, 'optimizer')
   try:
     value, updates, opt_state, new_rest = _scan.optimizer_step(

@@ -1,21 +1,18 @@
 """The micro-batch loop: one ``lax.scan`` over the micro-batches of a batch.
 
-A :class:`Loop` is the frozen description of one loop (what to
-differentiate, which arguments hold the batch, ``k``, weighting,
-accumulator dtype, non-finite policy, remat, unrolling, per-example
-transform, aux mode, threaded state, and where to split it over a mesh),
-built once by each public driver. :func:`scan` runs it on the rows this
-device holds. The carry is built from ``jax.eval_shape``, never by running
-a micro-batch outside the loop, and each micro-batch is differentiated inside
-the loop body. Every weighting rule lives in the body: a micro-batch's weight
-is read, clamped and screened there, and its gradient is pre-weighted (the
-backward pass is seeded with the weight) or weighted as it is added.
+A :class:`LoopSpec` describes one loop: the loss, ``k``, the user's
+:class:`accum_jax.LoopOptions`, which arguments hold the batch, and the
+transform's accumulator dtype, non-finite policy, skip predicate and noise
+tally. Each driver builds one; :func:`scan` runs it on the rows this device
+holds. The carry is built from one trace of a micro-batch
+(``jax.make_jaxpr``), never by running one outside the loop. The body
+reads: the micro-batch's gradient (pre-weighted where that is exact: the
+backward pass is seeded with the weight), then the
+:class:`accum_jax._accumulator.Accumulator`'s ``screen`` and ``add``.
 """
 
 import dataclasses
 import functools
-import inspect
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from accum_jax import (
+  _accumulator,
   _checks,
   _compat,
   _keys,
-  _noise,
-  _nonfinite,
+  _options,
   _split,
   _sums,
   _varying,
@@ -40,8 +37,8 @@ NUM_REAL_KWARG = 'num_real_microbatches'
 
 
 @dataclasses.dataclass(frozen=True)
-class Loop:
-  """How to run one micro-batch loop.
+class LoopSpec:
+  """The description of one micro-batch loop, built once by each driver.
 
   Attributes:
     loss_fn: ``loss_fn(params, microbatch, *args, **kwargs)``; with
@@ -49,74 +46,36 @@ class Loop:
       returning ``(out, new_state)``. With ``batch_args``, the micro-batch
       goes in the batched arguments' places instead.
     num_microbatches: ``k``.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    weight_fn: ``weight_fn(microbatch) -> scalar`` weight, or None (weight 1).
+    options: the user's :class:`accum_jax.LoopOptions`.
+    batch_args: which arguments hold the batch, and their batch axes.
     accumulator_dtype: the dtype gradients are summed in (promoted with
       theirs), or None for their own.
     nonfinite: the non-finite policy.
-    stack_aux: return each micro-batch's aux stacked instead of reduced.
-    remat: None, True or a ``jax.checkpoint_policies`` policy.
+    should_skip_update_fn: ``fn(grads, gradient_step, params) ->
+      (should_skip, info)`` asked for every micro-batch (``Inputs`` then
+      carries the gradient step and the previous info), or None.
+    track_noise_scale: add each micro-batch gradient's squared norm to the
+      sums (the noise scale estimator's tally).
     has_state: whether a state is threaded through the micro-batches.
     prescale: pre-weight every gradient inside the differentiated function,
       whatever the loss dtype (set on a mesh where gradients are
       reduce-scattered inside it).
-    mesh: the mesh to split the loop over (None: from the context or batch).
-    axis_name: the batch axes (None: read from the batch's sharding).
-    fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``.
-    unroll: micro-batches per iteration of the ``lax.scan`` (its
-      ``unroll=``): an int >= 1, or a bool (True: all ``k``, False: 1).
-    should_skip_update_fn: ``fn(grads, gradient_step, params) ->
-      (should_skip, info)`` asked for every micro-batch (``Inputs`` then
-      carries the gradient step and the previous info), or None.
-    batch_args: which arguments hold the batch, and their batch axes.
-    per_example_fn: applied to each example's gradient inside a micro-batch
-      (per-example gradients by ``jax.vmap``), or None.
-    concat_aux: return every row's aux in the batch's row order.
-    track_noise_scale: add each micro-batch gradient's squared norm to the
-      sums (the noise scale estimator's tally).
-    param_specs: the parameters' shardings where their types do not say
-      (Auto mesh axes), or None.
-    aux_modes: how reduced aux leaves combine over micro-batches:
-      ``'mean'`` (weighted, the default), ``'sum'``, or a pytree prefix of
-      them over the aux.
   """
 
   loss_fn: Callable[..., Any]
   num_microbatches: int
-  has_aux: bool = False
-  weight_fn: Callable[[Any], Any] | None = None
+  options: _options.LoopOptions = _options.DEFAULT
+  batch_args: _split.BatchArgs = _split.BatchArgs()
   accumulator_dtype: Any = jnp.float32
   nonfinite: str = 'propagate'
-  stack_aux: bool = False
-  remat: Any = None
+  should_skip_update_fn: Callable[..., Any] | None = None
+  track_noise_scale: bool = False
   has_state: bool = False
   prescale: bool = False
-  mesh: Any = None
-  axis_name: Any = None
-  fsdp_reduce: str = 'per_microbatch'
-  unroll: int | bool = 1
-  should_skip_update_fn: Callable[..., Any] | None = None
-  batch_args: _split.BatchArgs = _split.BatchArgs()
-  per_example_fn: Callable[[Any], Any] | None = None
-  concat_aux: bool = False
-  track_noise_scale: bool = False
-  param_specs: Any = None
-  aux_modes: Any = 'mean'
 
   def __post_init__(self):
     _checks.check_accumulator_dtype(self.accumulator_dtype)
-    object.__setattr__(self, 'remat', remat_policy(self.remat))
-    object.__setattr__(self, 'unroll', check_unroll(self.unroll))
-    if self.stack_aux and self.concat_aux:
-      raise ValueError('stack_aux=True and concat_aux=True exclude each other:'
-                       ' pick one way to return the aux.')
-    if self.concat_aux and not self.has_aux:
-      raise ValueError('concat_aux=True returns the aux of every row; it needs'
-                       ' has_aux=True.')
-    if self.per_example_fn is not None and not callable(self.per_example_fn):
-      raise TypeError('per_example_fn must be a function of one example\'s '
-                      f'gradient, got {self.per_example_fn!r}.')
-    if self.has_state and (self.per_example_fn is not None
+    if self.has_state and (self.options.per_example_fn is not None
                            or not self.batch_args.single):
       raise ValueError('A threaded state needs the batch as the argument after'
                        ' params, and no per-example transform.')
@@ -143,70 +102,8 @@ class Loop:
   @property
   def screened(self) -> bool:
     """Whether a micro-batch's weight can differ from 1 (or it be dropped)."""
-    return (self.weight_fn is not None or self.nonfinite != 'propagate'
+    return (self.options.weight_fn is not None or self.nonfinite != 'propagate'
             or self.should_skip_update_fn is not None)
-
-
-def _policies() -> dict[str, Any]:
-  """The ``jax.checkpoint_policies`` that are policies (not factories)."""
-  out = {}
-  for name in dir(jax.checkpoint_policies):
-    fn = getattr(jax.checkpoint_policies, name)
-    try:
-      first = next(iter(inspect.signature(fn).parameters), None)
-    except (TypeError, ValueError):
-      continue
-    if first in ('prim', '_'):
-      out[name] = fn
-  return out
-
-
-def remat_policy(remat: Any) -> Any:
-  """``remat`` as None, True or a policy; also by the names the planner
-  prints: ``'none'``, ``'full'``, a ``jax.checkpoint_policies`` policy name
-  (``'dots_saveable'``) or ``'save_only_these_names(a, b)'``."""
-  if not isinstance(remat, str):
-    if remat is not None and not isinstance(remat, bool) and not callable(
-        remat):
-      raise TypeError(
-          'remat must be None, True, a jax.checkpoint_policies policy or its '
-          f'name; got {remat!r}.'
-      )
-    return remat
-  names = _policies()
-  if remat == 'none':
-    return None
-  if remat == 'full':
-    return True
-  if remat in names:
-    return names[remat]
-  match = re.fullmatch(r'save_only_these_names\((.*)\)', remat)
-  if match:
-    return jax.checkpoint_policies.save_only_these_names(
-        *[n.strip() for n in match.group(1).split(',') if n.strip()])
-  raise ValueError(
-      f'remat={remat!r} is not a remat option; use None, True, a '
-      'jax.checkpoint_policies policy, or one of the names '
-      f"{['none', 'full', *sorted(names)]} or "
-      "'save_only_these_names(name, ...)'."
-  )
-
-
-def check_unroll(unroll: Any) -> int | bool:
-  """``unroll`` as ``lax.scan`` takes it: an int >= 1 or a bool."""
-  if isinstance(unroll, (bool, np.bool_)):
-    return bool(unroll)
-  if not isinstance(unroll, (int, np.integer)):
-    raise TypeError(
-        'unroll must be an int >= 1 or a bool (True: unroll all micro-batches)'
-        f', as lax.scan takes it; got {type(unroll).__name__}.'
-    )
-  if unroll < 1:
-    raise ValueError(
-        f'unroll must be >= 1 (1: a rolled loop, k or True: fully unrolled); '
-        f'got {unroll}.'
-    )
-  return int(unroll)
 
 
 class Inputs(NamedTuple):
@@ -215,16 +112,16 @@ class Inputs(NamedTuple):
   Attributes:
     params: differentiated.
     batch: split into micro-batches along its batch axis: the argument after
-      params, or with several batched arguments (``Loop.batch_args``) a tuple
+      params, or with several batched arguments (``LoopSpec.batch_args``) a tuple
       of them.
     args: passed to every micro-batch (with several batched arguments, all
       positional arguments after params, the batched ones as None).
     kwargs: passed to every micro-batch (``rng`` folded per micro-batch).
     num_real: traced int32 count of real micro-batches, or None (all).
-    state: the threaded state (``Loop.has_state``), else None.
-    gradient_step: with ``Loop.should_skip_update_fn``, the step passed to
+    state: the threaded state (``LoopSpec.has_state``), else None.
+    gradient_step: with ``LoopSpec.should_skip_update_fn``, the step passed to
       it (the transform's ``state.step``).
-    skip_state: with ``Loop.should_skip_update_fn``, its info before the
+    skip_state: with ``LoopSpec.should_skip_update_fn``, its info before the
       first micro-batch (the transform's ``state.skip_state``).
   """
 
@@ -239,26 +136,25 @@ class Inputs(NamedTuple):
 
 
 class Result(NamedTuple):
-  """What a loop returns: its sums, the last state, one micro-batch's shapes,
-  and the skip predicate's info for the last real micro-batch."""
+  """What a loop returns: its sums (with the skip predicate's info for the
+  last real micro-batch), the last state, and one micro-batch's shapes."""
 
   sums: _sums.Sums
   state: Any
   shapes: _sums.Shapes
-  skip_state: Any = None
 
   def mean_grads(self) -> Any:
     """The weighted mean gradient, in the gradients' dtypes."""
     return _sums.mean_of(self.sums.grads, self.sums.weight, self.shapes.grads)
 
 
-def inputs(loop: Loop, params, batch, args, kwargs, state=None) -> Inputs:
+def inputs(loop: LoopSpec, params, batch, args, kwargs, state=None) -> Inputs:
   """A call's :class:`Inputs`, with ``num_real_microbatches`` taken out of
   ``kwargs``."""
   return call_inputs(loop, params, (batch, *args), kwargs, state)
 
 
-def call_inputs(loop: Loop, params, args, kwargs, state=None) -> Inputs:
+def call_inputs(loop: LoopSpec, params, args, kwargs, state=None) -> Inputs:
   """:func:`inputs` from all of ``loss_fn``'s arguments after params."""
   num_real = None
   if NUM_REAL_KWARG in kwargs:
@@ -322,7 +218,7 @@ def fold_rng(args: tuple[Any, ...], kwargs: dict[str, Any],
   return fold_typed(tuple(args)), kwargs
 
 
-def _split_out(loop: Loop, out):
+def _split_out(loop: LoopSpec, out):
   """``loss_fn``'s output as ``(value, aux, new_state)``, or a clear error."""
   new_state = None
   if loop.has_state:
@@ -335,7 +231,7 @@ def _split_out(loop: Loop, out):
              else '') + '.'
       )
     out, new_state = out
-  if loop.has_aux:
+  if loop.options.has_aux:
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
       if isinstance(out, (tuple, list)):
         got = f'a {type(out).__name__} of length {len(out)}'
@@ -376,36 +272,28 @@ def _split_out(loop: Loop, out):
   return value, aux, new_state
 
 
-def _grad_fn(loop: Loop, prescale: bool):
-  """``(params, mb, args, kwargs, weight) -> ((value, (aux, state)), grads)``,
-  where ``grads`` is the gradient of ``weight * value`` when ``prescale``."""
+def _value_and_grad(loop: LoopSpec, prescale: bool):
+  """``(params, mb, args, kwargs, weight) -> ((scaled, (value, aux, state)),
+  grads)``: the gradient of ``weight * value`` when ``prescale``, else of
+  ``value``. One function is differentiated, so that the user's loss is
+  called from it directly."""
 
-  def loss(params, microbatch, args, kwargs):
+  def differentiated(params, microbatch, args, kwargs, weight):
     args, kwargs = loop.batch_args.put(microbatch, args, kwargs)
     value, aux, new_state = _split_out(
         loop, loop.loss_fn(params, *args, **kwargs))
-    return value, (aux, new_state)
+    scaled = weight.astype(value.dtype) * value if prescale else value
+    return scaled, (value, aux, new_state)
 
-  if loop.remat is not None and loop.remat is not False:
-    policy = None if loop.remat is True else loop.remat
-    loss = jax.checkpoint(loss, policy=policy, static_argnums=())
-  if loop.per_example_fn is not None:
-    return _per_example(loop, jax.value_and_grad(loss, has_aux=True))
-  if prescale:
-    def weighted(params, microbatch, args, kwargs, weight):
-      value, aux = loss(params, microbatch, args, kwargs)
-      return weight.astype(value.dtype) * value, (value, aux)
-
-    grad = jax.value_and_grad(weighted, has_aux=True)
-
-    def prescaled(params, microbatch, args, kwargs, weight):
-      (_, (value, aux)), grads = grad(params, microbatch, args, kwargs, weight)
-      return (value, aux), grads
-
-    return prescaled
-  grad = jax.value_and_grad(loss, has_aux=True)
-  return lambda params, microbatch, args, kwargs, weight: grad(
-      params, microbatch, args, kwargs)
+  remat = loop.options.remat
+  if remat is not None and remat is not False:
+    differentiated = jax.checkpoint(
+        differentiated, policy=None if remat is True else remat,
+        static_argnums=())
+  grad = jax.value_and_grad(differentiated, has_aux=True)
+  if loop.options.per_example_fn is not None:
+    return _per_example(loop, grad)
+  return grad
 
 
 def _reduce_rows(x):
@@ -419,7 +307,7 @@ def _reduce_rows(x):
   return jnp.sum(x, 0, dtype=x.dtype)
 
 
-def _per_example(loop: Loop, grad):
+def _per_example(loop: LoopSpec, grad):
   """The micro-batch step of ``per_example_fn``: each example's gradient (a
   batch of one row, by ``jax.vmap``), transformed, then averaged; the loss
   is the examples' mean, the aux reduced over them (or kept per row)."""
@@ -427,9 +315,12 @@ def _per_example(loop: Loop, grad):
 
   def one_row(params, row, index, args, kwargs):
     row = _split.map_axes(jnp.expand_dims, axes, row)
-    (value, (aux, _)), grads = grad(params, row, *fold_rng(args, kwargs,
-                                                           index))
-    out = loop.per_example_fn(grads)
+    args, kwargs = fold_rng(args, kwargs, index)
+    # Unweighted: the weight is applied after the transform, which need not
+    # be linear.
+    (_, (value, aux, _)), grads = grad(params, row, args, kwargs,
+                                       jnp.ones([], jnp.float32))
+    out = loop.options.per_example_fn(grads)
     if jax.tree.structure(out) != jax.tree.structure(grads) or any(
         np.shape(o) != np.shape(g) for o, g in
         zip(jax.tree.leaves(out), jax.tree.leaves(grads))):
@@ -449,24 +340,25 @@ def _per_example(loop: Loop, grad):
         one_row, in_axes=(None, axes, 0, None, None))(
             params, microbatch, jnp.arange(rows, dtype=jnp.int32), args,
             kwargs)
-    if loop.concat_aux:
+    if loop.options.concat_aux:
       # Each example's aux has one row along aux_axis: the rows in order.
       aux = jax.tree.map(
           lambda a: jnp.squeeze(jnp.moveaxis(a, 0, loop.aux_axis % (a.ndim - 1)),
                                 loop.aux_axis % (a.ndim - 1) + 1), aux)
     elif aux is not None:
       aux = jax.tree.map(_reduce_rows, aux)
-    return (_reduce_rows(values), (aux, None)), jax.tree.map(_reduce_rows,
-                                                             grads)
+    value = _reduce_rows(values)
+    return (value, (value, aux, None)), jax.tree.map(_reduce_rows, grads)
 
   return step
 
 
-def _weight(loop: Loop, microbatch) -> jax.Array:
-  if loop.weight_fn is None:
+def _weight(loop: LoopSpec, microbatch) -> jax.Array:
+  weight_fn = loop.options.weight_fn
+  if weight_fn is None:
     return jnp.ones([], jnp.float32)
   args, kwargs = loop.batch_args.weight_args(microbatch)
-  weight = _checks.check_weight(loop.weight_fn(*args, **kwargs),
+  weight = _checks.check_weight(weight_fn(*args, **kwargs),
                                 from_weight_fn=True)
   # Clamped here, before it seeds the backward pass: a traced negative
   # weight counts as 0.
@@ -495,7 +387,7 @@ def _unsplit_hint(inp: Inputs, size: int, k: int) -> str | None:
           'tuple batch (nnx_train_step), or put it in the batch pytree.')
 
 
-def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
+def scan(loop: LoopSpec, inp: Inputs, start: Any = None) -> Result:
   """Runs ``loop`` on every micro-batch of ``inp.batch`` in one ``lax.scan``.
 
   ``start`` (the gradient sum of a window left part-full) seeds the gradient
@@ -504,28 +396,28 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
   last one; a padding or dropped micro-batch leaves it unchanged.
   """
   k = loop.num_microbatches
+  options = loop.options
   _checks.check_floating(inp.params, 'Params')
   axes = loop.batch_args.tree_axes
   reshaped = _split.reshape_batch(inp.batch, k, axes)
+  rows = _split.batch_size(inp.batch, k, axes) // k
 
-  def one(index, state, prescale):
+  def probe(index, state):
+    """One micro-batch's outputs, unweighted: traced once, for the shapes."""
     microbatch = _split.take_microbatch(reshaped, index, axes)
     extra = (state,) if loop.has_state else ()
-    weight = _weight(loop, microbatch)
-    # The threaded state is not folded: an nnx.Rngs in it advances its own
-    # counter per micro-batch.
     args, kwargs = fold_rng(inp.args, inp.kwargs, index)
-    (value, (aux, new_state)), grads = _grad_fn(loop, prescale)(
+    weight = _weight(loop, microbatch)
+    (_, (value, aux, new_state)), grads = _value_and_grad(loop, False)(
         inp.params, microbatch, extra + args, kwargs, weight)
     return (value, aux, grads, weight), new_state
 
   index0 = jax.ShapeDtypeStruct((), jnp.int32)
   try:
     traced, (outs_like, new_state_like) = jax.make_jaxpr(
-        functools.partial(one, prescale=False), return_shape=True)(
-            index0, inp.state)
+        probe, return_shape=True)(index0, inp.state)
   except (TypeError, ValueError) as e:
-    hint = _unsplit_hint(inp, _split.batch_size(inp.batch, k, axes), k)
+    hint = _unsplit_hint(inp, rows * k, k)
     if hint is None:
       raise
     raise ValueError(f'{hint} The loss failed on a micro-batch with: '
@@ -534,103 +426,88 @@ def scan(loop: Loop, inp: Inputs, start: Any = None) -> Result:
     warnings.warn(_keys.MESSAGE, stacklevel=4)
   value_like, aux_like, grads_like, _ = outs_like
   shapes = _sums.Shapes(value_like, aux_like, grads_like,
-                        _sums.summed_leaves(loop.aux_modes, aux_like))
+                        _sums.summed_leaves(options.aux_modes, aux_like))
   _checks.check_floating(grads_like, 'Gradient')
   if loop.has_state:
     _check_state(new_state_like, inp.state)
-  if loop.concat_aux:
-    _check_rows(aux_like, _split.batch_size(inp.batch, k, axes) // k,
-                loop.aux_axis)
+  if options.concat_aux:
+    _check_rows(aux_like, rows, loop.aux_axis)
   # Differentiating weight * loss seeds the backward pass with the weight, so
   # the gradient adds straight into the carry; scaling it afterwards kept a
   # scatter gradient (an embedding's) in a buffer of its own (+3% on an LM).
   # Not for a bf16/fp16 loss, whose seed would round the weight, nor under a
   # per-example transform, which need not be linear, nor with a skip
   # predicate, which must see the unweighted gradient.
-  prescale = loop.prescale or (loop.weight_fn is not None
-                               and loop.per_example_fn is None
+  prescale = loop.prescale or (options.weight_fn is not None
+                               and options.per_example_fn is None
                                and loop.should_skip_update_fn is None
                                and jnp.finfo(value_like.dtype).bits >= 32)
-  sums0 = _sums.Sums.zeros(
-      shapes, loop.accumulator_dtype,
-      reduce_aux=loop.has_aux and not (loop.stack_aux or loop.concat_aux),
-      count_bad=loop.nonfinite != 'propagate',
-      grads=start,
-      noise=_noise.Tally.zeros() if loop.track_noise_scale else None)
-  if loop.concat_aux:
-    sums0 = sums0._replace(aux_rows=_sums.rows_zeros(aux_like, k,
-                                                     loop.aux_axis))
-  num_real = inp.num_real
-  # A micro-batch's size for the noise scale: its weight, else its rows.
-  rows = _split.batch_size(inp.batch, k, axes) // k
+  grad = _value_and_grad(loop, prescale)
+  aux_mode = None
+  if options.has_aux:
+    aux_mode = ('stack' if options.stack_aux else
+                'concat' if options.concat_aux else 'reduce')
+  acc = _accumulator.Accumulator(
+      shapes, k, loop.accumulator_dtype, nonfinite=loop.nonfinite,
+      weighted=options.weight_fn is not None,
+      skip_fn=loop.should_skip_update_fn,
+      lazy_skip_step=loop.lazy_skip_step, check_grads=not loop.sum_check,
+      # A micro-batch's size for the noise scale: its weight, else its rows.
+      noise_rows=rows if loop.track_noise_scale else None,
+      aux=aux_mode, aux_axis=loop.aux_axis, prescaled=prescale)
 
+  @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def step(carry, index):
-    """Adds micro-batch ``index`` (a real one) to the sums."""
-    sums, state, info = carry
-    (value, aux, grads, weight), new_state = one(index, state, prescale)
-    micro = _sums.Micro(value, aux, grads, weight, None,
-                        jnp.ones_like(weight) if prescale else None)
-    skip = None
-    if loop.should_skip_update_fn is not None:
-      skip, info = _nonfinite.ask(loop.should_skip_update_fn, grads,
-                                  inp.gradient_step, inp.params, info)
-    if loop.screened:
-      micro = _nonfinite.screen(loop.nonfinite, micro,
-                                weighted=loop.weight_fn is not None,
-                                lazy_skip_step=loop.lazy_skip_step,
-                                check_grads=not loop.sum_check, skip=skip)
-      dropped = None if micro.bad is None else micro.bad > 0
-      if skip is not None:
-        dropped = skip if dropped is None else dropped | skip
-      if loop.has_state and dropped is not None:  # a dropped micro-batch
-        new_state = jax.tree.map(lambda old, new: jnp.where(dropped, old, new),
-                                 state, new_state)
-    if loop.track_noise_scale:
-      # The squared norm of the gradient as it exists here, before it is
-      # added into the carry: no second pass, no buffer of its own.
-      micro = micro._replace(noise=_noise.piece(
-          micro.grads, micro.weight,
-          micro.weight if loop.weight_fn is not None else rows,
-          prescaled=prescale))
-    if loop.concat_aux:
-      sums = sums._replace(aux_rows=_sums.rows_add(sums.aux_rows, micro.aux,
-                                                   index, loop.aux_axis))
-      micro = micro._replace(aux=None)
-    stacked = (micro.aux, micro.weight) if loop.stack_aux else None
-    return (sums.add(micro, shapes.summed), new_state, info), stacked
+    """Adds micro-batch ``index`` (a real one): gradient, screen, add."""
+    sums, state = carry
+    microbatch = _split.take_microbatch(reshaped, index, axes)
+    weight = _weight(loop, microbatch)
+    # The threaded state is not folded: an nnx.Rngs in it advances its own
+    # counter per micro-batch.
+    args, kwargs = fold_rng(inp.args, inp.kwargs, index)
+    extra = (state,) if loop.has_state else ()
+    (_, (value, aux, new_state)), grads = grad(
+        inp.params, microbatch, extra + args, kwargs, weight)
+    micro, sums, dropped = acc.screen(
+        sums, _sums.Micro(value, aux, grads, weight, None,
+                          acc.grad_scale(weight)),
+        inp.gradient_step, inp.params)
+    if loop.has_state and dropped is not None:  # a dropped micro-batch
+      new_state = jax.tree.map(lambda old, new: jnp.where(dropped, old, new),
+                               state, new_state)
+    sums, stacked = acc.add(sums, micro, index)
+    return (sums, new_state), stacked
+
+  num_real = inp.num_real
+  skip_info = (inp.skip_state if loop.should_skip_update_fn is not None
+               else None)
+  # A no-op outside shard_map. On `step`: the cond below needs a carry that
+  # is already as device-varying as a real micro-batch makes it.
+  init = _varying.match_carry(step, (acc.init(start, skip_info), inp.state))
+  if num_real is None:
+    (sums, state), stacked = jax.lax.scan(
+        step, init, jnp.arange(k, dtype=jnp.int32), unroll=options.unroll)
+  elif options.unroll != 1:
+    (sums, state), stacked = jax.lax.scan(
+        functools.partial(_real_or_padding, step, num_real), init,
+        jnp.arange(k, dtype=jnp.int32), unroll=options.unroll)
+  else:
+    (sums, state), stacked = _real_only(step, init, num_real, k)
+  return Result(acc.finish(sums, stacked), state, shapes)
+
+
+def _real_or_padding(step, num_real, carry, index):
+  """``step`` on a real micro-batch; a padding one is not computed and the
+  carry passes through, by a cond over the whole carry update. (XLA:GPU
+  gives that cond's carry a buffer of its own; unrolling is for XLA:CPU, see
+  docs/unroll.md.) A padding micro-batch is not a micro-step: the skip info
+  stays too."""
 
   def padding(carry, index):
-    """A padding micro-batch: not computed; the carry passes through."""
     stacked_like = jax.eval_shape(step, carry, index)[1]
     return carry, jax.tree.map(_varying.zeros_like_struct, stacked_like)
 
-  @functools.partial(jax.named_call, name='accum_jax_microbatch')
-  def body(carry, index):
-    if num_real is None:
-      return step(carry, index)
-    # An unrolled loop over every micro-batch, padding ones passed through
-    # by a cond over the whole carry update. (XLA:GPU gives that cond's carry
-    # a buffer of its own; unrolling is for XLA:CPU, see docs/unroll.md.) A
-    # padding micro-batch is not a micro-step: the skip info stays too.
-    return jax.lax.cond(index < num_real, step, padding, carry, index)
-
-  info0 = (inp.skip_state if loop.should_skip_update_fn is not None
-           else None)
-  # A no-op outside shard_map. On `step`: the cond in `body` needs a carry
-  # that is already as device-varying as a real micro-batch makes it.
-  init = _varying.match_carry(step, (sums0, inp.state, info0))
-  if num_real is None or loop.unroll != 1:
-    (sums, state, info), stacked = jax.lax.scan(
-        body, init, jnp.arange(k, dtype=jnp.int32), unroll=loop.unroll)
-  else:
-    (sums, state, info), stacked = _real_only(step, init, num_real, k)
-  if loop.stack_aux:
-    aux, weights = stacked
-    sums = sums._replace(aux=aux, aux_weights=weights)
-  if loop.concat_aux:
-    sums = sums._replace(aux_rows=_sums.rows_finish(sums.aux_rows,
-                                                    loop.aux_axis))
-  return Result(sums, state, shapes, info)
+  return jax.lax.cond(index < num_real, step, padding, carry, index)
 
 
 def _real_only(step, init, num_real, k):
@@ -647,7 +524,6 @@ def _real_only(step, init, num_real, k):
                                     tuple(_varying.varying_axes(s))),
       stacked_like)
 
-  @functools.partial(jax.named_call, name='accum_jax_microbatch')
   def body(carry):
     index, inner, stacked = carry
     inner, out = step(inner, index)
@@ -694,27 +570,3 @@ def _check_state(new_like, state):
           f'shape {np.shape(new)} and dtype {jnp.result_type(new)}, but it was'
           f' given shape {np.shape(old)} and dtype {jnp.result_type(old)}.'
       )
-
-
-def aux_option(aux: Any, stack_aux: bool, concat_aux: bool) -> dict[str, Any]:
-  """The ``Loop`` fields of a driver's ``aux=`` (``'mean'``, ``'sum'``,
-  ``'stack'``, ``'concat'``, or a pytree prefix of ``'mean'`` and
-  ``'sum'``), with the older ``stack_aux`` / ``concat_aux`` flags."""
-  if isinstance(aux, str) and aux not in ('mean', 'sum', 'stack', 'concat'):
-    raise ValueError(f"aux must be 'mean', 'sum', 'stack', 'concat' or a "
-                     f"pytree prefix of 'mean' and 'sum', got {aux!r}.")
-  if aux == 'stack' or aux == 'concat':
-    if stack_aux or concat_aux:
-      raise ValueError(f'aux={aux!r} with stack_aux= or concat_aux=: give '
-                       'one of them.')
-    return {'stack_aux': aux == 'stack', 'concat_aux': aux == 'concat',
-            'aux_modes': 'mean'}
-  if aux != 'mean' and (stack_aux or concat_aux):
-    raise ValueError(f'aux={aux!r} reduces the aux; stack_aux / concat_aux '
-                     'return it per micro-batch or per row. Give one.')
-  if not isinstance(aux, str):
-    leaves = jax.tree.leaves(aux)
-    if not leaves or any(x not in ('mean', 'sum') for x in leaves):
-      raise ValueError("aux as a pytree holds 'mean' or 'sum' leaves, one "
-                       f"per aux leaf or subtree; got {aux!r}.")
-  return {'stack_aux': stack_aux, 'concat_aux': concat_aux, 'aux_modes': aux}

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from accum_jax import _checks, _loop, _placement, _targets
+from accum_jax import _checks, _options, _placement, _targets
 
 
 class CompiledMemory(NamedTuple):
@@ -704,7 +704,7 @@ def plan_microbatches(
   if unroll is None:
     unrolls = (None,)
   else:
-    unrolls = tuple(_loop.check_unroll(u) for u in unroll)
+    unrolls = tuple(_options.check_unroll(u) for u in unroll)
     if not unrolls:
       raise ValueError('unroll must name at least one option, e.g. (1, '
                        'True), or be None.')

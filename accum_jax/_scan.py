@@ -1,13 +1,14 @@
 """The in-step drivers: one optimizer step (or gradient) over a whole batch.
 
 :func:`value_and_grad` and :func:`value_and_update` each build one
-:class:`accum_jax._loop.Loop` and run it with :func:`run`: on one device the
+:class:`accum_jax._loop.LoopSpec` and run it with :func:`runner`: on one device the
 plain loop (:func:`accum_jax._loop.scan`), on a mesh whose batch axes shard
 the batch the same loop per device, reduced once after it
 (:func:`accum_jax._sharding.scan`). :func:`optimizer_step` is the body of
 :func:`value_and_update`, shared with the Flax helpers.
 """
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from accum_jax import (
   _checks,
   _loop,
   _nonfinite,
+  _options,
   _sharding,
   _split,
 )
@@ -27,18 +29,22 @@ from accum_jax import (
 INNER_EXTRA_ARGS_KWARG = 'inner_extra_args'
 
 
-def run(loop: _loop.Loop, inp: _loop.Inputs,
-        start: Any = None) -> _loop.Result:
-  """Runs ``loop`` here, or split over the mesh that shards the batch;
-  ``start`` is the gradient sum of a window left part-full."""
+def runner(loop: _loop.LoopSpec, inp: _loop.Inputs
+           ) -> Callable[[_loop.LoopSpec, _loop.Inputs, Any], _loop.Result]:
+  """What runs ``loop`` on ``inp``, called as ``runner(loop, inp)(loop, inp,
+  start)``: the plain loop here (:func:`accum_jax._loop.scan`), or the loop
+  split over the mesh that shards the batch (:func:`accum_jax._sharding.scan`
+  with its plan). ``start`` is the gradient sum of a window left part-full.
+  Returned rather than called, so the loop is one frame from its caller."""
+  options = loop.options
   if any(loop.batch_args.axes):
     _check_not_split(loop, inp.batch)
-    return _loop.scan(loop, inp, start)
-  plan = _sharding.plan(loop.mesh, loop.axis_name, loop.fsdp_reduce,
+    return _loop.scan
+  plan = _sharding.plan(options.mesh, options.axis_name, options.fsdp_reduce,
                         inp.params, inp.batch, loop.num_microbatches,
-                        loop.param_specs)
+                        options.param_specs)
   if plan is None:
-    return _loop.scan(loop, inp, start)
+    return _loop.scan
   if loop.should_skip_update_fn is not None:
     raise ValueError(
         'should_skip_update_fn is asked for each micro-batch\'s gradient, but '
@@ -47,7 +53,8 @@ def run(loop: _loop.Loop, inp: _loop.Inputs,
         "'skip_microbatch' (screened per device share) in-step, or the "
         'predicate cross-step (tx.update on the reduced gradient).'
     )
-  if (loop.per_example_fn is not None and plan.fsdp_reduce == 'per_microbatch'
+  if (options.per_example_fn is not None
+      and plan.fsdp_reduce == 'per_microbatch'
       and any(len(s) for s in jax.tree.leaves(plan.param_specs))):
     raise ValueError(
         'per_example_fn with parameters sharded over the batch axes '
@@ -55,10 +62,17 @@ def run(loop: _loop.Loop, inp: _loop.Inputs,
         'each gradient is reduce-scattered inside the differentiated function,'
         ' summing different devices\' examples before the transform sees them.'
     )
-  return _sharding.scan(plan, loop, inp, start)
+  return functools.partial(_sharding.scan, plan)
 
 
-def _check_not_split(loop: _loop.Loop, batch: Any) -> None:
+def run(loop: _loop.LoopSpec, inp: _loop.Inputs,
+        start: Any = None) -> _loop.Result:
+  """Runs ``loop`` here, or split over the mesh that shards the batch (see
+  :func:`runner`)."""
+  return runner(loop, inp)(loop, inp, start)
+
+
+def _check_not_split(loop: _loop.LoopSpec, batch: Any) -> None:
   """A batch axis other than the leading one is split on this device only."""
   axes = loop.batch_args.tree_axes
   sharded = []
@@ -75,7 +89,8 @@ def _check_not_split(loop: _loop.Loop, batch: Any) -> None:
     return x
 
   _split.map_axes(check, axes, batch)
-  if sharded or loop.mesh is not None or loop.axis_name is not None:
+  if (sharded or loop.options.mesh is not None
+      or loop.options.axis_name is not None):
     raise ValueError(
         f'in_axes={loop.batch_args.axes}: a batch axis other than the leading '
         'one is split on one device only, not over a mesh (mesh=, axis_name= '
@@ -279,16 +294,20 @@ def value_and_grad(
     True
   """
   position = argnums
-  loss_fn, batch_argnums = _split.params_first(loss_fn, argnums, batch_argnums,
-                                               batch_argnames)
-  loop = _loop.Loop(
-      loss_fn, _checks.check_num_microbatches(num_microbatches),
-      has_aux=has_aux, weight_fn=weight_fn,
-      accumulator_dtype=accumulator_dtype, remat=remat,
-      mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce, unroll=unroll,
-      batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
-      per_example_fn=per_example_fn, param_specs=param_specs,
-      **_loop.aux_option(aux, stack_aux, concat_aux))
+  options = _options.make(
+      who='value_and_grad', has_aux=has_aux, weight_fn=weight_fn,
+      stack_aux=stack_aux, concat_aux=concat_aux, aux=aux, remat=remat,
+      unroll=unroll, per_example_fn=per_example_fn,
+      batch_argnums=batch_argnums, batch_argnames=batch_argnames,
+      in_axes=in_axes, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
+  loss_fn, batch_argnums = _split.params_first(
+      loss_fn, argnums, options.batch_argnums, options.batch_argnames)
+  loop = _loop.LoopSpec(
+      loss_fn, _checks.check_num_microbatches(num_microbatches), options,
+      _split.BatchArgs.make(batch_argnums, options.batch_argnames,
+                            options.in_axes),
+      accumulator_dtype=accumulator_dtype)
 
   def f(*args, **kwargs):
     if len(args) <= position:
@@ -296,9 +315,10 @@ def value_and_grad(
           f'argnums={position} but the micro-batched value_and_grad got '
           f'{len(args)} positional arguments.')
     params, args = args[position], args[:position] + args[position + 1:]
-    result = run(loop, _loop.call_inputs(loop, params, args, kwargs))
+    inp = _loop.call_inputs(loop, params, args, kwargs)
+    result = runner(loop, inp)(loop, inp, None)
     grads = result.mean_grads()
-    return result.sums.finish(result.shapes, has_aux), grads
+    return result.sums.finish(result.shapes, options.has_aux), grads
 
   return f
 
@@ -407,15 +427,19 @@ def value_and_update(
         'accum_jax.accumulate(optax.inject_hyperparams(...)(...), k) or '
         'accum_jax.accumulate(optax.multi_transform(...), k).'
     )
-  loss_fn, batch_argnums = _split.params_first(loss_fn, argnums, batch_argnums,
-                                               batch_argnames)
+  options = _options.make(
+      who='value_and_update', has_aux=has_aux, weight_fn=weight_fn,
+      stack_aux=stack_aux, concat_aux=concat_aux, aux=aux, remat=remat,
+      unroll=unroll, per_example_fn=per_example_fn,
+      batch_argnums=batch_argnums, batch_argnames=batch_argnames,
+      in_axes=in_axes, mesh=mesh, axis_name=axis_name,
+      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
+  loss_fn, batch_argnums = _split.params_first(
+      loss_fn, argnums, options.batch_argnums, options.batch_argnames)
   loop = for_transform(
-      tx, loss_fn, 'value_and_update', has_aux=has_aux, weight_fn=weight_fn,
-      remat=remat, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce, unroll=unroll,
-      batch_args=_split.BatchArgs.make(batch_argnums, batch_argnames, in_axes),
-      per_example_fn=per_example_fn, param_specs=param_specs,
-      **_loop.aux_option(aux, stack_aux, concat_aux))
+      tx, loss_fn, 'value_and_update', options,
+      batch_args=_split.BatchArgs.make(batch_argnums, options.batch_argnames,
+                                       options.in_axes))
 
   def f(params, opt_state, *args, **kwargs):
     extra_args = None
@@ -440,15 +464,17 @@ def value_and_update(
 
 def for_transform(tx: _accumulate.AccumulateTransformation,
                   loss_fn: Callable[..., Any], who: str,
-                  **options: Any) -> _loop.Loop:
-  """The :class:`accum_jax._loop.Loop` of an ``accumulate`` transform's step:
-  its ``k``, accumulator dtype and non-finite policy."""
+                  options: _options.LoopOptions = _options.DEFAULT,
+                  **fields: Any) -> _loop.LoopSpec:
+  """The :class:`accum_jax._loop.LoopSpec` of an ``accumulate`` transform's
+  step: its ``k``, accumulator dtype, non-finite policy, skip predicate and
+  noise tally, with ``options`` and the other spec ``fields``."""
   config = tx.config
-  return _loop.Loop(loss_fn, config.static_num_microbatches(who),
-                    accumulator_dtype=config.accumulator_dtype,
-                    nonfinite=config.nonfinite,
-                    should_skip_update_fn=config.should_skip_update_fn,
-                    track_noise_scale=config.track_noise_scale, **options)
+  return _loop.LoopSpec(loss_fn, config.static_num_microbatches(who), options,
+                        accumulator_dtype=config.accumulator_dtype,
+                        nonfinite=config.nonfinite,
+                        should_skip_update_fn=config.should_skip_update_fn,
+                        track_noise_scale=config.track_noise_scale, **fields)
 
 
 def takes_value(update: Callable[..., Any]) -> bool:
@@ -462,7 +488,7 @@ def takes_value(update: Callable[..., Any]) -> bool:
              for p in parameters)
 
 
-def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
+def optimizer_step(loop: _loop.LoopSpec, tx: Any, inp: _loop.Inputs,
                    opt_state: Any,
                    extra_args: Mapping[str, Any] | None = None,
                    inner_params: Any = None,
@@ -479,11 +505,12 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   """
   if inner_params is None:
     inner_params = inp.params
+  has_aux = loop.options.has_aux
   if not isinstance(tx, _accumulate.AccumulateTransformation):
-    result = run(loop, inp)
+    result = runner(loop, inp)(loop, inp, None)
     grads = result.mean_grads()
     updates, opt_state = tx.update(grads, opt_state, inner_params)
-    return (result.sums.finish(result.shapes, loop.has_aux), updates,
+    return (result.sums.finish(result.shapes, has_aux), updates,
             opt_state, result.state)
   if not isinstance(opt_state, _accumulate.AccumulateState):
     raise TypeError(
@@ -494,7 +521,8 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
   if loop.should_skip_update_fn is not None:
     inp = inp._replace(gradient_step=opt_state.step,
                        skip_state=opt_state.skip_state)
-  result = run(loop, inp, opt_state.acc if tx.config.cross_step else None)
+  result = runner(loop, inp)(
+      loop, inp, opt_state.acc if tx.config.cross_step else None)
   sums = result.sums
   noise = opt_state.noise
   if sums.noise is not None:
@@ -504,11 +532,11 @@ def optimizer_step(loop: _loop.Loop, tx: Any, inp: _loop.Inputs,
                          noise=noise),
       sums.bad)
   if loop.should_skip_update_fn is not None:
-    summed = summed._replace(skip_state=result.skip_state)
-  value = sums.finish(result.shapes, loop.has_aux)
+    summed = summed._replace(skip_state=sums.skip_info)
+  value = sums.finish(result.shapes, has_aux)
   inner_args = {}
   if takes_value(tx.config.inner.update):
-    inner_args['value'] = value[0] if loop.has_aux else value
+    inner_args['value'] = value[0] if has_aux else value
   inner_args.update(extra_args or {})
   # With unit weights, all micro-batches real and nothing skipped, the
   # window's weight is >= k > 0: no empty-window guard (it costs memory).

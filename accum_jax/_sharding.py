@@ -403,7 +403,7 @@ def _plain(like):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), like)
 
 
-def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
+def scan(plan_: Plan, loop: _loop.LoopSpec, inp: _loop.Inputs,
          start: Any = None) -> _loop.Result:
   """:func:`accum_jax._loop.scan` on every device's rows, reduced once after
   the loop; same contract."""
@@ -436,7 +436,7 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
                           *args, **kwargs)
 
     local = dataclasses.replace(loop, loss_fn=gathered,
-                                prescale=loop.weight_fn is not None)
+                                prescale=loop.options.weight_fn is not None)
   shapes = []
 
   def reduce_grads(grads):
@@ -474,7 +474,7 @@ def scan(plan_: Plan, loop: _loop.Loop, inp: _loop.Inputs,
         axis_names=frozenset(axes))
   sums, state = run(inp.params, inp.batch, inp.args, inp.kwargs,
                     inp.num_real, inp.state)
-  if loop.weight_fn is None:
+  if loop.options.weight_fn is None:
     # Unit weights: a device's share of a micro-batch weighs 1 / num_shards,
     # so a micro-batch weighs 1 as on one device (the mean is unchanged, and
     # a window left part-full by cross-step updates is weighted the same).

@@ -159,6 +159,8 @@ class Sums(NamedTuple):
       ``B // k`` split into ``(B // k, k)`` like the batch's (see
       :func:`rows_zeros`), this device's rows on a mesh; else None.
     noise: the noise scale ``Tally`` of the micro-batches (scalars), or None.
+    skip_info: with a skip predicate, its info after the last micro-batch
+      (the transform's ``skip_state``); else None.
   """
 
   grads: Any
@@ -169,6 +171,7 @@ class Sums(NamedTuple):
   aux_weights: Any = None
   aux_rows: Any = None
   noise: Any = None
+  skip_info: Any = None
 
   @classmethod
   def zeros(cls, shapes: Shapes, accumulator_dtype: Any, *, reduce_aux: bool,
@@ -222,6 +225,7 @@ class Sums(NamedTuple):
         aux_weights=self.aux_weights,
         aux_rows=self.aux_rows,
         noise=None if self.noise is None else self.noise + micro.noise,
+        skip_info=self.skip_info,
     )
 
   def reduce(self, axes: tuple[str, ...],

@@ -333,7 +333,7 @@ def dp_extra(rec, mesh):
       return noisy(p, b, key), {'key': state['key'],
                                 'count': state['count'] + 1}
 
-    loop = _loop.Loop(stream_loss, k, has_state=True)
+    loop = _loop.LoopSpec(stream_loss, k, has_state=True)
     state0 = {'key': rng, 'count': jnp.int32(3)}
 
     @jax.jit
