@@ -15,6 +15,7 @@ from accum_jax._accumulate import (
 )
 from accum_jax._noise import NoiseScale, adaptive_num_microbatches
 from accum_jax._norms import WindowNorms
+from accum_jax._options import LoopOptions
 from accum_jax._readers import has_updated, noise_scale, window_norms
 from accum_jax._scan import value_and_grad, value_and_update
 from accum_jax._split import concat_microbatches, split_batch
@@ -55,6 +56,7 @@ __all__ = (
     'AccumulateState',
     'AccumulateTransformation',
     'CompiledMemory',
+    'LoopOptions',
     'MemoryPlan',
     'NoiseScale',
     'PlanCandidate',

@@ -26,7 +26,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       'need Equinox: pip install equinox (or accum_jax[equinox]).'
   ) from e
 
-from accum_jax import _accumulate, _checks, _loop, _options, _scan
+from accum_jax import _accumulate, _checks, _loop, _options, _scan, _split
 
 
 def _positions(argnums: int | Sequence[int] | None, num_args: int,
@@ -41,7 +41,7 @@ def _positions(argnums: int | Sequence[int] | None, num_args: int,
         isinstance(i, bool) or not isinstance(i, int)
         or not 1 <= i <= num_args for i in positions):
       raise ValueError(
-          f'{who}: argnums={argnums!r} must name the batched positional '
+          f'{who}: batch_argnums={argnums!r} must name the batched positional '
           f'arguments of loss_fn, from 1 to {num_args} with {num_args} '
           'positional argument(s) after the model (the model is 0).'
       )
@@ -51,6 +51,24 @@ def _positions(argnums: int | Sequence[int] | None, num_args: int,
         'after the model: f(model, x, y).'
     )
   return tuple(sorted(set(positions)))
+
+
+def _make(options: _options.LoopOptions | None, given: dict[str, Any],
+          who: str) -> _options.LoopOptions:
+  """The helpers' options: ``argnums=`` (the batched positions, an older
+  spelling) is ``batch_argnums=``; keyword arguments are never batched."""
+  given = dict(given)
+  _options.renamed(given, 'argnums', 'batch_argnums', who)
+  options = _options.make(options, who=who, **given)
+  _options.refuse(options, who, ('batch_argnames',),
+                  'the batched arguments are positional (batch_argnums).')
+  return options
+
+
+def _batch_args(options: _options.LoopOptions, who: str) -> _split.BatchArgs:
+  """The loop's batch: one argument, the tuple of the batched ones, split
+  along ``in_axes``."""
+  return _split.BatchArgs.make(1, (), _options.one_axis(options, who))
 
 
 def _bind(loop: _loop.LoopSpec, loss_fn: Callable[..., Any], argnums: Any,
@@ -82,16 +100,9 @@ def filter_value_and_grad(
     loss_fn: Callable[..., Any],
     num_microbatches: int,
     *,
-    argnums: int | Sequence[int] | None = None,
-    has_aux: bool = False,
-    weight_fn: Callable[[Any], Any] | None = None,
     accumulator_dtype: Any | None = jnp.float32,
-    stack_aux: bool = False,
-    remat: Any = None,
-    mesh: Any = None,
-    axis_name: Any = None,
-    fsdp_reduce: str = 'per_microbatch',
-    param_specs: Any = None,
+    options: _options.LoopOptions | None = None,
+    **loop_options: Any,
 ) -> Callable[..., Any]:
   """A micro-batched drop-in for ``eqx.filter_value_and_grad(loss_fn)``.
 
@@ -123,19 +134,18 @@ def filter_value_and_grad(
     loss_fn: ``loss_fn(model, *args, **kwargs)`` returning a scalar loss, or
       ``(loss, aux)`` with ``has_aux=True``.
     num_microbatches: ``k``, the number of micro-batches.
-    argnums: the positions of the batched arguments in ``loss_fn``'s
-      positional arguments, the model being 0 (an int or a sequence); by
-      default every positional argument after the model.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch;
-      ``microbatch`` is the tuple of the batched arguments.
     accumulator_dtype: as in :func:`accum_jax.value_and_grad`.
-    stack_aux: return per-micro-batch aux stacked instead of reduced.
-    remat: as in :func:`accum_jax.value_and_grad`.
-    mesh: as in :func:`accum_jax.value_and_grad`.
-    axis_name: as in :func:`accum_jax.value_and_grad`.
-    fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
-    param_specs: as in :func:`accum_jax.value_and_grad`.
+    options: the loop's options as one :class:`accum_jax.LoopOptions`.
+    **loop_options: any field of :class:`accum_jax.LoopOptions`, replacing
+      that field of ``options``: ``has_aux``, ``weight_fn`` (it takes the
+      tuple of the batched arguments' micro-batches), ``aux``, ``remat``,
+      ``unroll``, ``per_example_fn``, ``batch_argnums`` (the positions of
+      the batched arguments in ``loss_fn``'s positional arguments, the model
+      being 0; by default every positional argument after the model),
+      ``in_axes`` (one int for all), ``mesh``, ``axis_name``,
+      ``fsdp_reduce``, ``param_specs``. ``argnums=`` and ``stack_aux=True``
+      still work as ``batch_argnums=`` and ``aux='stack'``, with a
+      ``DeprecationWarning``.
 
   Returns:
     ``f(model, *args, **kwargs)`` returning ``(value, grads)``.
@@ -158,13 +168,12 @@ def filter_value_and_grad(
     >>> grads.activation is None  # a static leaf, as in Equinox
     True
   """
-  options = _options.make(
-      who='filter_value_and_grad', has_aux=has_aux, weight_fn=weight_fn,
-      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
+  who = 'filter_value_and_grad'
+  options = _make(options, loop_options, who)
   loop = _loop.LoopSpec(
       loss_fn, _checks.check_num_microbatches(num_microbatches), options,
-      accumulator_dtype=accumulator_dtype)
+      _batch_args(options, who), accumulator_dtype=accumulator_dtype)
+  argnums = options.batch_argnums
 
   def f(model, *args, **kwargs):
     bound, inp = _bind(loop, loss_fn, argnums, model, args, kwargs,
@@ -180,15 +189,8 @@ def filter_value_and_update(
     loss_fn: Callable[..., Any],
     tx: Any,
     *,
-    argnums: int | Sequence[int] | None = None,
-    has_aux: bool = False,
-    weight_fn: Callable[[Any], Any] | None = None,
-    stack_aux: bool = False,
-    remat: Any = None,
-    mesh: Any = None,
-    axis_name: Any = None,
-    fsdp_reduce: str = 'per_microbatch',
-    param_specs: Any = None,
+    options: _options.LoopOptions | None = None,
+    **loop_options: Any,
 ) -> Callable[..., Any]:
   """One optimizer step of an Equinox model, micro-batched in a scan.
 
@@ -208,15 +210,17 @@ def filter_value_and_update(
     loss_fn: ``loss_fn(model, *args, **kwargs)`` returning a scalar loss, or
       ``(loss, aux)`` with ``has_aux=True``.
     tx: a transform made by :func:`accum_jax.accumulate`.
-    argnums: as in :func:`filter_value_and_grad`.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    weight_fn: as in :func:`filter_value_and_grad`.
-    stack_aux: return per-micro-batch aux stacked instead of reduced.
-    remat: as in :func:`accum_jax.value_and_grad`.
-    mesh: as in :func:`accum_jax.value_and_grad`.
-    axis_name: as in :func:`accum_jax.value_and_grad`.
-    fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
-    param_specs: as in :func:`accum_jax.value_and_grad`.
+    options: the loop's options as one :class:`accum_jax.LoopOptions`.
+    **loop_options: any field of :class:`accum_jax.LoopOptions`, replacing
+      that field of ``options``: ``has_aux``, ``weight_fn`` (it takes the
+      tuple of the batched arguments' micro-batches), ``aux``, ``remat``,
+      ``unroll``, ``per_example_fn``, ``batch_argnums`` (the positions of
+      the batched arguments in ``loss_fn``'s positional arguments, the model
+      being 0; by default every positional argument after the model),
+      ``in_axes`` (one int for all), ``mesh``, ``axis_name``,
+      ``fsdp_reduce``, ``param_specs``. ``argnums=`` and ``stack_aux=True``
+      still work as ``batch_argnums=`` and ``aux='stack'``, with a
+      ``DeprecationWarning``.
 
   Returns:
     ``f(model, opt_state, *args, **kwargs)`` returning ``(value, updates,
@@ -254,11 +258,10 @@ def filter_value_and_update(
       )
 
     return refuse
-  options = _options.make(
-      who=who, has_aux=has_aux, weight_fn=weight_fn, stack_aux=stack_aux,
-      remat=remat, mesh=mesh, axis_name=axis_name, fsdp_reduce=fsdp_reduce,
-      param_specs=param_specs)
-  loop = _scan.for_transform(tx, loss_fn, who, options)
+  options = _make(options, loop_options, who)
+  loop = _scan.for_transform(tx, loss_fn, who, options,
+                             batch_args=_batch_args(options, who))
+  argnums = options.batch_argnums
 
   def f(model, opt_state, *args, **kwargs):
     bound, inp = _bind(loop, loss_fn, argnums, model, args, kwargs, who)

@@ -28,12 +28,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       'pip install flax (or accum_jax[examples]).'
   ) from e
 
-from accum_jax import _accumulate, _checks, _loop, _options, _scan
+from accum_jax import _accumulate, _checks, _loop, _options, _scan, _split
 
 
 def _loop_for(tx: Any, opt_state: Any, loss_fn: Callable[..., Any],
               num_microbatches: int | None, where: str, who: str,
-              options: _options.LoopOptions, has_state: bool) -> Any:
+              options: _options.LoopOptions, has_state: bool,
+              batch_args: _split.BatchArgs) -> Any:
   """The loop of one step: ``k`` from an accumulate ``tx``, or given for a
   plain one (which must not hide an accumulate)."""
   nested = (None if isinstance(tx, _accumulate.AccumulateTransformation)
@@ -47,7 +48,8 @@ def _loop_for(tx: Any, opt_state: Any, loss_fn: Callable[..., Any],
       )
     raise nested
   if isinstance(tx, _accumulate.AccumulateTransformation):
-    loop = _scan.for_transform(tx, loss_fn, who, options, has_state=has_state)
+    loop = _scan.for_transform(tx, loss_fn, who, options, has_state=has_state,
+                               batch_args=batch_args)
     k = loop.num_microbatches
     if num_microbatches is not None and num_microbatches != k:
       raise ValueError(
@@ -67,7 +69,7 @@ def _loop_for(tx: Any, opt_state: Any, loss_fn: Callable[..., Any],
     )
   return _loop.LoopSpec(loss_fn,
                         _checks.check_num_microbatches(num_microbatches),
-                        options, has_state=has_state)
+                        options, batch_args, has_state=has_state)
 
 
 def _check_opt_state(tx: Any, opt_state: Any, where: str) -> None:
@@ -103,16 +105,9 @@ def linen_train_step(
     *,
     rng: Any | None = None,
     mutable: str | Sequence[str] | None = None,
-    has_aux: bool = False,
-    weight_fn: Callable[[Any], Any] | None = None,
-    stack_aux: bool = False,
-    remat: Any = None,
     num_microbatches: int | None = None,
-    mesh: Any = None,
-    axis_name: Any = None,
-    fsdp_reduce: str = 'per_microbatch',
-    param_specs: Any = None,
-    unroll: int | bool = 1,
+    options: _options.LoopOptions | None = None,
+    **loop_options: Any,
 ) -> tuple[Any, Any]:
   """One optimizer step of a Linen ``TrainState``, micro-batched in a scan.
 
@@ -168,21 +163,16 @@ def linen_train_step(
     mutable: names of the ``state`` fields holding mutable collections to
       thread through the micro-batches; default ``('batch_stats',)`` if
       ``state`` has that field, else none. ``()`` turns it off.
-    has_aux: whether the loss function returns ``(loss, aux)``.
-    weight_fn: ``weight_fn(microbatch) -> scalar`` weight (e.g. the count of
-      real tokens with a token-mean loss).
-    stack_aux: return the aux of each micro-batch stacked, not reduced.
-    remat: ``None``, ``True`` or a ``jax.checkpoint_policies`` policy for the
-      per-micro-batch loss.
     num_microbatches: ``k`` for a plain (non-accumulate) ``state.tx``.
-    mesh: as in :func:`accum_jax.value_and_grad`: the mesh to split the loop
-      over.
-    axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
-      it for a mesh with ``AxisType.Auto`` axes).
-    fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
-    param_specs: as in :func:`accum_jax.value_and_grad`.
-    unroll: micro-batches per loop iteration, as in
-      :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
+    options: the loop's options as one :class:`accum_jax.LoopOptions`.
+    **loop_options: any field of :class:`accum_jax.LoopOptions`, replacing
+      that field of ``options`` (``has_aux``, ``weight_fn``, ``aux``,
+      ``remat``, ``unroll``, ``per_example_fn``, ``in_axes`` (one int),
+      ``mesh``, ``axis_name``, ``fsdp_reduce``, ``param_specs``). The
+      micro-batch is always ``loss_fn``'s second argument, so
+      ``batch_argnums`` and ``batch_argnames`` are refused.
+      ``stack_aux=True`` still works as ``aux='stack'``, with a
+      ``DeprecationWarning``.
 
   Returns:
     ``(new_state, value)``: the state after one optimizer step (params,
@@ -222,12 +212,15 @@ def linen_train_step(
   """
   tx = state.tx
   names = _mutable_names(state, mutable)
-  options = _options.make(
-      who='linen_train_step', has_aux=has_aux, weight_fn=weight_fn,
-      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce, param_specs=param_specs, unroll=unroll)
+  who = 'linen_train_step'
+  options = _options.make(options, who=who, **loop_options)
+  _options.refuse(options, who, ('batch_argnums', 'batch_argnames'),
+                  "the micro-batch is loss_fn's second argument (put more "
+                  'batched arrays in the batch pytree).')
   loop = _loop_for(tx, state.opt_state, loss_fn, num_microbatches,
-                   'state.tx', 'linen_train_step', options, bool(names))
+                   'state.tx', who, options, bool(names),
+                   _split.BatchArgs.make(1, (), _options.one_axis(options,
+                                                                  who)))
   _check_opt_state(tx, state.opt_state, 'state')
   model_state = ({name: getattr(state, name) for name in names} if names
                  else None)
@@ -277,20 +270,20 @@ def _check_batch_argnum(batch_argnum: Any, num_args: int,
         or any(isinstance(p, bool) or not isinstance(p, int)
                or not 1 <= p <= count for p in batch_argnum)):
       raise ValueError(
-          f'batch_argnum={batch_argnum!r}: the positions of the batched '
+          f'batch_argnums={batch_argnum!r}: the positions of the batched '
           'arguments among loss_fn\'s positional arguments (the model is 0) '
           f'must be distinct ints from 1 to {count} with {num_args} extra '
           'positional argument(s).')
     if not isinstance(batch, tuple) or len(batch) != len(batch_argnum):
       raise ValueError(
-          f'batch_argnum={batch_argnum!r} names {len(batch_argnum)} batched '
+          f'batch_argnums={batch_argnum!r} names {len(batch_argnum)} batched '
           'arguments: pass the batch as a tuple of that many, in the same '
           f'order (got a {type(batch).__name__}).')
     return batch_argnum
   if (isinstance(batch_argnum, bool) or not isinstance(batch_argnum, int)
       or not 1 <= batch_argnum <= num_args + 1):
     raise ValueError(
-        f'batch_argnum={batch_argnum!r}: the position of the micro-batch '
+        f'batch_argnums={batch_argnum!r}: the position of the micro-batch '
         'among loss_fn\'s positional arguments (the model is 0) must be an '
         f'int from 1 to {num_args + 1} with {num_args} extra positional '
         'argument(s), or a tuple of positions with a tuple batch.'
@@ -317,17 +310,8 @@ def nnx_train_step(
     batch: Any,
     loss_fn: Callable[..., Any],
     *args: Any,
-    has_aux: bool = False,
-    weight_fn: Callable[[Any], Any] | None = None,
-    stack_aux: bool = False,
-    remat: Any = None,
     num_microbatches: int | None = None,
-    batch_argnum: int | tuple[int, ...] = 1,
-    mesh: Any = None,
-    axis_name: Any = None,
-    fsdp_reduce: str = 'per_microbatch',
-    param_specs: Any = None,
-    unroll: int | bool = 1,
+    options: _options.LoopOptions | None = None,
     **kwargs: Any,
 ) -> Any:
   """One optimizer step of an NNX model, micro-batched in a scan.
@@ -344,15 +328,19 @@ def nnx_train_step(
   stream, and BatchNorm behaves as ``k`` sequential small forward passes (not
   the full-batch statistic; see :func:`linen_train_step`).
 
-  **Extra arguments.** ``*args`` and the keyword arguments that are not this
-  function's options reach every micro-batch's ``loss_fn`` unchanged, as
+  **Extra arguments.** ``*args`` and the keyword arguments that are not
+  loop options reach every micro-batch's ``loss_fn`` unchanged, as
   ``nnx.value_and_grad(loss_fn)(model, batch, *args, **kwargs)`` would pass
-  them. ``batch_argnum`` says where the micro-batch goes among ``loss_fn``'s
+  them. With ``options=accum_jax.LoopOptions(...)`` every keyword but
+  ``num_microbatches`` reaches ``loss_fn``, whatever its name (a loss
+  keyword named ``remat``, say); without it, a keyword that names a loop
+  option and also a parameter of ``loss_fn`` is refused as ambiguous.
+  ``batch_argnums`` says where the micro-batch goes among ``loss_fn``'s
   positional arguments (the model is 0): the NNX MNIST tutorial's
-  ``loss_fn(model, rngs, batch)`` is called with ``batch_argnum=2`` and
+  ``loss_fn(model, rngs, batch)`` is called with ``batch_argnums=2`` and
   ``rngs`` in ``args``. Several batched arguments, as the Flax cookbook's
   ``loss_fn(model, x, y)``: pass ``batch=(x, y)`` with
-  ``batch_argnum=(1, 2)``, each split along its leading axis and put in
+  ``batch_argnums=(1, 2)``, each split along its leading axis and put in
   its place. NNX objects among the arguments (an ``nnx.Rngs``,
   another module) are threaded like the model's own state: micro-batch ``j``
   draws from the streams where micro-batch ``j-1`` left them (different keys
@@ -381,23 +369,18 @@ def nnx_train_step(
       ``k``.
     loss_fn: ``loss_fn(model, microbatch, *args, **kwargs)``, see above.
     *args: extra positional arguments of ``loss_fn``.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch.
-    stack_aux: return the aux of each micro-batch stacked, not reduced.
-    remat: ``None``, ``True`` or a ``jax.checkpoint_policies`` policy.
     num_microbatches: ``k`` for a plain (non-accumulate) ``optimizer.tx``.
-    batch_argnum: the position of the micro-batch among ``loss_fn``'s
-      positional arguments, counting the model as 0 (default 1); or a tuple
-      of positions, one per part of a tuple ``batch``.
-    mesh: as in :func:`accum_jax.value_and_grad`: the mesh to split the loop
-      over.
-    axis_name: as in :func:`accum_jax.value_and_grad`: the batch axes (pass
-      it for a mesh with ``AxisType.Auto`` axes).
-    fsdp_reduce: as in :func:`accum_jax.value_and_grad`.
-    param_specs: as in :func:`accum_jax.value_and_grad`.
-    unroll: micro-batches per loop iteration, as in
-      :func:`accum_jax.value_and_grad` (XLA:CPU with convolutions).
-    **kwargs: extra keyword arguments of ``loss_fn``.
+    options: the loop's options as one :class:`accum_jax.LoopOptions`; then
+      every keyword in ``kwargs`` reaches ``loss_fn``.
+    **kwargs: extra keyword arguments of ``loss_fn``; without ``options``,
+      also the fields of :class:`accum_jax.LoopOptions` (``has_aux``,
+      ``weight_fn``, ``aux``, ``remat``, ``unroll``, ``per_example_fn``,
+      ``batch_argnums`` (default 1: the position of the micro-batch among
+      ``loss_fn``'s positional arguments, the model being 0; or a tuple of
+      positions, one per part of a tuple ``batch``), ``in_axes`` (one int),
+      ``mesh``, ``axis_name``, ``fsdp_reduce``, ``param_specs``).
+      ``batch_argnum=`` and ``stack_aux=True`` still work as
+      ``batch_argnums=`` and ``aux='stack'``, with a ``DeprecationWarning``.
 
   Returns:
     The loss, or ``(loss, aux)``, of the whole batch.
@@ -406,10 +389,11 @@ def nnx_train_step(
     ImportError: flax is older than 0.12.7 (:func:`linen_train_step` works
       from flax 0.11.0).
     TypeError: ``optimizer`` is not an ``nnx.Optimizer``, its ``tx`` is not
-      an accumulate transform and no ``num_microbatches`` is given, or
+      an accumulate transform and no ``num_microbatches`` is given, a
+      keyword names both a loop option and a parameter of ``loss_fn``, or
       ``loss_fn`` returns the wrong structure.
     ValueError: the batch size is not a multiple of ``k``, or
-      ``batch_argnum`` is out of range.
+      ``batch_argnums`` is out of range.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -441,8 +425,8 @@ def nnx_train_step(
     ...   return jnp.mean((drop(model(mb['x']), rngs=rngs) - mb['y']) ** 2)
     >>> rngs = nnx.Rngs(dropout=1)
     >>> loss = nnx.jit(lambda m, o, r, b: accum_jax.nnx_train_step(
-    ...     m, o, b, noisy_loss, r, batch_argnum=2))(model, optimizer, rngs,
-    ...                                              batch)
+    ...     m, o, b, noisy_loss, r, batch_argnums=2))(model, optimizer, rngs,
+    ...                                               batch)
     >>> int(rngs.dropout.count[...])
     4
   """
@@ -459,7 +443,26 @@ def nnx_train_step(
         'accum_jax.accumulate(optax.adam(1e-3), k), wrt=nnx.Param); got '
         f'{type(optimizer).__name__}.'
     )
-  batch_argnum = _check_batch_argnum(batch_argnum, len(args), batch)
+  who = 'nnx_train_step'
+  if options is None:
+    given, kwargs = _options.split(kwargs, extra=('batch_argnum',))
+    both = [n for n in given if _options.declared(loss_fn, n)]
+    if both:
+      raise TypeError(
+          f'{who}: {", ".join(n + "=" for n in both)} names a loop option and '
+          'a parameter of loss_fn. Pass the loop\'s options as options='
+          'accum_jax.LoopOptions(...): every other keyword then reaches '
+          'loss_fn.')
+    _options.renamed(given, 'batch_argnum', 'batch_argnums', who)
+    options = _options.make(None, who=who, **given)
+  else:
+    options = _options.make(options, who=who)
+  _options.refuse(options, who, ('batch_argnames',),
+                  'pass batched keyword arrays in the batch (a tuple batch '
+                  'with batch_argnums=(1, 2) for several arguments).')
+  batch_argnum = _check_batch_argnum(
+      1 if options.batch_argnums is None else options.batch_argnums,
+      len(args), batch)
   tx = optimizer.tx
   graph = getattr(optimizer, 'graph', None)
   nodes, at, args, kwargs = _take_nodes(args, kwargs)
@@ -490,12 +493,10 @@ def nnx_train_step(
     return out, nnx.as_pure(new_rest)
 
   opt_state = nnx.as_pure(optimizer.opt_state)
-  options = _options.make(
-      who='nnx_train_step', has_aux=has_aux, weight_fn=weight_fn,
-      stack_aux=stack_aux, remat=remat, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce, param_specs=param_specs, unroll=unroll)
   loop = _loop_for(tx, opt_state, loss, num_microbatches, 'optimizer.tx',
-                   'nnx_train_step', options, stateful)
+                   who, options, stateful,
+                   _split.BatchArgs.make(1, (), _options.one_axis(options,
+                                                                  who)))
   _check_opt_state(tx, opt_state, 'optimizer')
   try:
     value, updates, opt_state, new_rest = _scan.optimizer_step(

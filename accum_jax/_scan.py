@@ -10,7 +10,7 @@ the batch the same loop per device, reduced once after it
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -104,23 +104,10 @@ def value_and_grad(
     loss_fn: Callable[..., Any],
     num_microbatches: int,
     *,
-    has_aux: bool = False,
-    weight_fn: Callable[[Any], Any] | None = None,
-    accumulator_dtype: Any | None = jnp.float32,
-    stack_aux: bool = False,
-    remat: Any = None,
-    mesh: Any = None,
-    axis_name: Any = None,
-    fsdp_reduce: str = 'per_microbatch',
-    unroll: int | bool = 1,
-    batch_argnums: int | Sequence[int] | None = None,
-    batch_argnames: str | Sequence[str] = (),
-    in_axes: int | Sequence[int] = 0,
-    per_example_fn: Callable[[Any], Any] | None = None,
-    concat_aux: bool = False,
-    param_specs: Any = None,
     argnums: int = 0,
-    aux: Any = 'mean',
+    accumulator_dtype: Any | None = jnp.float32,
+    options: _options.LoopOptions | None = None,
+    **loop_options: Any,
 ) -> Callable[..., Any]:
   r"""A micro-batched drop-in for ``jax.value_and_grad(loss_fn)``.
 
@@ -165,9 +152,9 @@ def value_and_grad(
     (every leaf) or a pytree prefix of ``'mean'`` and ``'sum'``, e.g.
     ``aux={'lm_loss_sum': 'sum', 'accuracy': 'mean'}``; a micro-batch of
     weight 0 (padding, dropped as non-finite) adds nothing to a sum. With
-    ``aux='stack'`` (``stack_aux=True``) the aux leaves are returned stacked instead, with a
+    ``aux='stack'`` the aux leaves are returned stacked instead, with a
     leading axis of size ``k`` (:func:`concat_microbatches` puts per-row
-    leaves back in row order). With ``concat_aux=True`` every aux leaf holds
+    leaves back in row order). With ``aux='concat'`` every aux leaf holds
     one entry per row (logits, per-example losses) and is returned for the
     whole batch in the batch's row order, ``(B, ...)``, written in place in
     one output buffer (optax's ``AccumulationType.CONCAT``); its row axis is
@@ -209,57 +196,21 @@ def value_and_grad(
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
       loss, or ``(loss, aux)`` with ``has_aux=True``.
     num_microbatches: ``k``, the number of micro-batches.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch.
-    accumulator_dtype: see above; ``None`` sums in the gradients' dtype.
-    stack_aux: return per-micro-batch aux stacked instead of reduced.
-    remat: ``None`` (no rematerialisation), ``True`` (``jax.checkpoint`` the
-      per-micro-batch loss) or a ``jax.checkpoint_policies`` policy.
-    mesh: the mesh to split the loop over; by default the mesh set with
-      ``jax.set_mesh``, or the one carried by the batch's sharding.
-    axis_name: the batch axes (a mesh axis name or a tuple of them); by
-      default the axes sharding the batch's leading dimension where that is
-      known: for explicit mesh axes (``jax.make_mesh``'s default), or for a
-      concrete batch outside ``jit``. Pass it under ``jit`` on a mesh with
-      ``AxisType.Auto`` axes (``Mesh(devices, names)``'s default; a warning
-      at trace time names the fix), or inside a ``shard_map`` that is manual
-      over these axes, to get the one reduction after the loop. ``()``
-      runs the loop unsplit and leaves the reductions to the partitioner.
-    fsdp_reduce: ``'per_microbatch'`` or ``'per_step'``: when gradients of
-      parameters sharded over a batch axis are reduce-scattered (see above).
-    unroll: micro-batches per iteration of the loop, as ``lax.scan``'s
-      ``unroll=``: an int >= 1, or True for all ``k`` (no loop). The numbers
-      are the same; an unrolled loop keeps the activations of ``unroll``
-      micro-batches live at once. Worth it on XLA:CPU with convolutions,
-      which run many times slower inside a rolled loop than outside one;
-      on GPU and TPU leave it at 1. See ``docs/unroll.md``.
-    batch_argnums: the positions of the batched arguments of ``loss_fn``
-      (``params`` is 0); by default the one after ``params``, or none when
-      ``batch_argnames`` are given.
-    batch_argnames: the names of batched keyword arguments.
-    in_axes: the batch axis of each batched argument (an int for all, or one
-      per argument of ``batch_argnums`` then ``batch_argnames``). Axes other
-      than 0 are split on one device; on a mesh the batch axis must lead.
-    per_example_fn: a function of one example's gradient returning a
-      gradient of the same structure and shapes (see above), or None.
-    concat_aux: return every row's aux in row order (see above); the same as
-      ``aux='concat'``.
-    param_specs: on a mesh whose batch axes are ``AxisType.Auto``, the
-      parameters' shardings, which their types under ``jit`` do not carry:
-      a ``PartitionSpec`` (or ``NamedSharding``) for all, or a pytree of
-      them like the params (e.g. the ``in_shardings`` given to ``jit``).
-      Without it such parameters enter the per-device loop replicated over
-      the batch axes, and a warning says so; ``P()`` declares them
-      replicated. Under Explicit axes they are read from the types.
     argnums: the position of the differentiated argument in ``loss_fn``'s
       arguments, as ``jax.value_and_grad``'s (one int; pack several into a
       pytree). ``f`` then takes ``loss_fn``'s arguments in ``loss_fn``'s
       order, and ``batch_argnums`` (required when ``argnums`` is not 0,
       unless ``batch_argnames`` are given) are positions in them too.
-    aux: how the aux is combined over micro-batches: ``'mean'`` (the
-      default: floating leaves are weighted means), ``'sum'``, a pytree
-      prefix of ``'mean'`` and ``'sum'``, ``'stack'`` (as ``stack_aux``) or
-      ``'concat'`` (as ``concat_aux``); see above.
+    accumulator_dtype: see above; ``None`` sums in the gradients' dtype.
+    options: the loop's options as one :class:`LoopOptions` (by default
+      its defaults).
+    **loop_options: any field of :class:`LoopOptions`, replacing that field
+      of ``options``: ``has_aux``, ``weight_fn``, ``aux``, ``remat``,
+      ``unroll``, ``per_example_fn``, ``batch_argnums``, ``batch_argnames``,
+      ``in_axes``, ``mesh``, ``axis_name``, ``fsdp_reduce``,
+      ``param_specs``. ``stack_aux=True`` and ``concat_aux=True`` still
+      work as ``aux='stack'`` and ``aux='concat'``, with a
+      ``DeprecationWarning``.
 
   Returns:
     ``f(params, batch, *args, **kwargs)`` (with ``argnums``, ``loss_fn``'s
@@ -294,13 +245,7 @@ def value_and_grad(
     True
   """
   position = argnums
-  options = _options.make(
-      who='value_and_grad', has_aux=has_aux, weight_fn=weight_fn,
-      stack_aux=stack_aux, concat_aux=concat_aux, aux=aux, remat=remat,
-      unroll=unroll, per_example_fn=per_example_fn,
-      batch_argnums=batch_argnums, batch_argnames=batch_argnames,
-      in_axes=in_axes, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
+  options = _options.make(options, who='value_and_grad', **loop_options)
   loss_fn, batch_argnums = _split.params_first(
       loss_fn, argnums, options.batch_argnums, options.batch_argnames)
   loop = _loop.LoopSpec(
@@ -327,22 +272,9 @@ def value_and_update(
     loss_fn: Callable[..., Any],
     tx: _accumulate.AccumulateTransformation,
     *,
-    has_aux: bool = False,
-    weight_fn: Callable[[Any], Any] | None = None,
-    stack_aux: bool = False,
-    remat: Any = None,
-    mesh: Any = None,
-    axis_name: Any = None,
-    fsdp_reduce: str = 'per_microbatch',
-    unroll: int | bool = 1,
-    batch_argnums: int | Sequence[int] | None = None,
-    batch_argnames: str | Sequence[str] = (),
-    in_axes: int | Sequence[int] = 0,
-    per_example_fn: Callable[[Any], Any] | None = None,
-    concat_aux: bool = False,
-    param_specs: Any = None,
     argnums: int = 0,
-    aux: Any = 'mean',
+    options: _options.LoopOptions | None = None,
+    **loop_options: Any,
 ) -> Callable[..., Any]:
   """One optimizer step over a whole batch, micro-batched in one ``lax.scan``.
 
@@ -374,26 +306,19 @@ def value_and_update(
     loss_fn: ``loss_fn(params, batch, *args, **kwargs)`` returning a scalar
       loss, or ``(loss, aux)`` with ``has_aux=True``.
     tx: a transform made by :func:`accumulate`.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    weight_fn: ``weight_fn(microbatch) -> scalar`` weight of a micro-batch.
-    stack_aux: return per-micro-batch aux stacked instead of reduced.
-    remat: as in :func:`value_and_grad`.
-    mesh: as in :func:`value_and_grad`.
-    axis_name: as in :func:`value_and_grad`.
-    fsdp_reduce: as in :func:`value_and_grad`.
-    unroll: as in :func:`value_and_grad`.
-    batch_argnums: as in :func:`value_and_grad` (positions in ``loss_fn``'s
-      arguments).
-    batch_argnames: as in :func:`value_and_grad`.
-    in_axes: as in :func:`value_and_grad`.
-    per_example_fn: as in :func:`value_and_grad`.
-    concat_aux: as in :func:`value_and_grad`.
-    param_specs: as in :func:`value_and_grad`.
     argnums: the position of the params in ``loss_fn``'s arguments (as in
       :func:`value_and_grad`); ``f`` still takes the params first, then
       ``opt_state``, then ``loss_fn``'s other arguments in their order, and
       ``batch_argnums`` are positions in ``loss_fn``'s own arguments.
-    aux: as in :func:`value_and_grad`.
+    options: the loop's options as one :class:`LoopOptions` (by default
+      its defaults).
+    **loop_options: any field of :class:`LoopOptions`, replacing that field
+      of ``options``: ``has_aux``, ``weight_fn``, ``aux``, ``remat``,
+      ``unroll``, ``per_example_fn``, ``batch_argnums``, ``batch_argnames``,
+      ``in_axes``, ``mesh``, ``axis_name``, ``fsdp_reduce``,
+      ``param_specs``. ``stack_aux=True`` and ``concat_aux=True`` still
+      work as ``aux='stack'`` and ``aux='concat'``, with a
+      ``DeprecationWarning``.
 
   Returns:
     ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
@@ -427,13 +352,7 @@ def value_and_update(
         'accum_jax.accumulate(optax.inject_hyperparams(...)(...), k) or '
         'accum_jax.accumulate(optax.multi_transform(...), k).'
     )
-  options = _options.make(
-      who='value_and_update', has_aux=has_aux, weight_fn=weight_fn,
-      stack_aux=stack_aux, concat_aux=concat_aux, aux=aux, remat=remat,
-      unroll=unroll, per_example_fn=per_example_fn,
-      batch_argnums=batch_argnums, batch_argnames=batch_argnames,
-      in_axes=in_axes, mesh=mesh, axis_name=axis_name,
-      fsdp_reduce=fsdp_reduce, param_specs=param_specs)
+  options = _options.make(options, who='value_and_update', **loop_options)
   loss_fn, batch_argnums = _split.params_first(
       loss_fn, argnums, options.batch_argnums, options.batch_argnames)
   loop = for_transform(

@@ -255,7 +255,7 @@ def weighted_aux_checks(rec, mesh, pspecs, prefix, k=4, **options):
                [value, grads, aux['mean'], aux['tokens'], aux['any']],
                [want_value, want_grads, want_value, jnp.sum(m), True])
     f = accum_jax.value_and_grad(token_aux_loss, k, has_aux=True,
-                                 weight_fn=token_weight, stack_aux=True,
+                                 weight_fn=token_weight, aux='stack',
                                  **options)
     (value, aux), grads = jax.jit(f)(ps, bs)
     rec.record(f'{prefix}/token_stack_aux',
@@ -293,7 +293,7 @@ def dp_extra(rec, mesh):
 
     # Stacked aux: per micro-batch j, the mean over devices of their max.
     (_, stacked), _ = jax.jit(accum_jax.value_and_grad(
-        aux_loss, k, has_aux=True, stack_aux=True))(ps, bs)
+        aux_loss, k, has_aux=True, aux='stack'))(ps, bs)
     rec.record('dp/stack_aux', [stacked['max'], stacked['rows']],
                [pieces.max(axis=1).mean(axis=0), jnp.full(k, B // k)])
 

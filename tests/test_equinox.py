@@ -227,7 +227,7 @@ def test_arguments_static_leaves_and_rng():
   x = jax.random.normal(jax.random.key(1), (8, 4))
   y = jax.random.normal(jax.random.key(2), (8, 3))
   rng = jax.random.key(3)
-  f = accum_jax.filter_value_and_grad(loss_fn, K, argnums=(2, 3),
+  f = accum_jax.filter_value_and_grad(loss_fn, K, batch_argnums=(2, 3),
                                       has_aux=True)
   (value, aux), grads = eqx.filter_jit(f)(model, 2.0, x, y, rng=rng,
                                           act=jnp.tanh, train=True)
@@ -301,8 +301,8 @@ def test_update_refuses_a_plain_optimizer():
 def test_bad_argnums():
   model = CNN(jax.random.key(0))
   x, y = digits_batches(1)[0]
-  with pytest.raises(ValueError, match='argnums=3 must name.*from 1 to 2'):
-    accum_jax.filter_value_and_grad(loss, K, argnums=3)(model, x, y)
+  with pytest.raises(ValueError, match='batch_argnums=3 must name.*from 1 to 2'):
+    accum_jax.filter_value_and_grad(loss, K, batch_argnums=3)(model, x, y)
   with pytest.raises(ValueError, match='no batch to split'):
     accum_jax.filter_value_and_grad(lambda m: 0.0, K)(model)
 

@@ -229,7 +229,7 @@ def test_dropout_masks_differ_between_identical_microbatches():
       apply_fn=model.apply, params=params,
       tx=accum_jax.accumulate(optax.sgd(0.1), k))
   _, (_, logits) = jax.jit(lambda s, b, r: accum_jax.linen_train_step(
-      s, b, loss_fn, rng=r, has_aux=True, stack_aux=True))(state, batch, rng)
+      s, b, loss_fn, rng=r, has_aux=True, aux='stack'))(state, batch, rng)
   assert logits.shape == (k, 2, 3)
   assert not np.allclose(logits[0], logits[1])
   # Micro-batch j used fold_in(rng, j).

@@ -183,7 +183,7 @@ def test_dropout_stream_gives_each_microbatch_its_own_mask():
 
   probe = nnx.clone(model)  # before the step: same params, same stream
   _, logits = nnx.jit(lambda m, o, b: accum_jax.nnx_train_step(
-      m, o, b, loss_and_logits, has_aux=True, stack_aux=True))(
+      m, o, b, loss_and_logits, has_aux=True, aux='stack'))(
           model, optimizer, batch)
   assert logits.shape == (k, 2, 3)
   assert not np.allclose(logits[0], logits[1])

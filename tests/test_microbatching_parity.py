@@ -263,7 +263,7 @@ def test_concat_aux_returns_rows_in_order(k):
   f = jax.jit(accum_jax.value_and_grad(
       lambda p, x, y: (lambda v, a: (v, a['logits']))(*seq_loss(p, x, y)),
       k, has_aux=True, batch_argnums=(1, 2), in_axes=(1, 0),
-      concat_aux=True))
+      aux='concat'))
   (loss, logits), grads = f(params, x, y)
   (ref_loss, ref_aux), ref_grads = jax.value_and_grad(
       seq_loss, has_aux=True)(params, x, y)
@@ -288,7 +288,7 @@ def test_concat_aux_along_the_batch_axis_of_sequence_first_data():
     return jnp.mean(out ** 2), out
 
   (loss, out), grads = accum_jax.value_and_grad(
-      loss_fn, 4, has_aux=True, in_axes=1, concat_aux=True)(params, x)
+      loss_fn, 4, has_aux=True, in_axes=1, aux='concat')(params, x)
   (ref_loss, ref_out), ref_grads = jax.value_and_grad(
       loss_fn, has_aux=True)(params, x)
   assert out.shape == (T, B, C)
@@ -306,9 +306,9 @@ def test_stack_aux_then_concat_microbatches_is_concat_aux():
 
   batch = {'x': x.swapaxes(0, 1), 'y': y}
   (_, stacked), _ = accum_jax.value_and_grad(
-      loss_fn, 4, has_aux=True, stack_aux=True)(params, batch)
+      loss_fn, 4, has_aux=True, aux='stack')(params, batch)
   (_, rows), _ = accum_jax.value_and_grad(
-      loss_fn, 4, has_aux=True, concat_aux=True)(params, batch)
+      loss_fn, 4, has_aux=True, aux='concat')(params, batch)
   assert stacked.shape == (4, B // 4, C)
   _close(accum_jax.concat_microbatches(stacked), rows)
   _close(rows, loss_fn(params, batch)[1])
@@ -325,7 +325,7 @@ def test_concat_aux_padding_rows_are_zero_and_update_path():
 
   step = jax.jit(accum_jax.value_and_update(
       loss_fn, tx, has_aux=True, batch_argnums=(1, 2), in_axes=(1, 0),
-      concat_aux=True))
+      aux='concat'))
   (_, logits), updates, _ = step(params, tx.init(params), x, y,
                                  num_real_microbatches=3)
   full = loss_fn(params, x, y)[1]
@@ -353,7 +353,7 @@ def test_concat_aux_makes_no_copy_beyond_the_output():
     return accum_jax.compiled_memory(f, params, x).temp_bytes
 
   logits_bytes = b * v * 4
-  assert temp(concat_aux=True) < temp() + logits_bytes / 4
+  assert temp(aux='concat') < temp() + logits_bytes / 4
 
 
 # Per-example transforms (DP-SGD clipping).
@@ -409,7 +409,7 @@ def test_per_example_concat_aux_gives_each_examples_aux():
 
   (loss, logits), grads = accum_jax.value_and_grad(
       loss_fn, 4, has_aux=True, batch_argnums=(1, 2), in_axes=(1, 0),
-      per_example_fn=clip, concat_aux=True)(params, x, y)
+      per_example_fn=clip, aux='concat')(params, x, y)
   assert logits.shape == (B, C)
   _close(logits, loss_fn(params, x, y)[1])
   mb = _optax_mb()
@@ -505,12 +505,13 @@ def test_errors():
   with pytest.raises(ValueError, match='position 0 is the differentiated'):
     accum_jax.value_and_grad(loss_only, 4, batch_argnums=0)
   with pytest.raises(ValueError, match='needs has_aux=True'):
-    accum_jax.value_and_grad(loss_only, 4, concat_aux=True)
-  with pytest.raises(ValueError, match='exclude each other'):
+    accum_jax.value_and_grad(loss_only, 4, aux='concat')
+  with pytest.raises(ValueError, match='exclude each other'), pytest.warns(
+      DeprecationWarning, match='_aux= is deprecated'):
     accum_jax.value_and_grad(seq_loss, 4, has_aux=True, stack_aux=True,
                              concat_aux=True)
   with pytest.raises(ValueError, match=r"aux leaf \['correct'\] has shape"):
-    accum_jax.value_and_grad(seq_loss, 4, has_aux=True, concat_aux=True,
+    accum_jax.value_and_grad(seq_loss, 4, has_aux=True, aux='concat',
                              batch_argnums=(1, 2), in_axes=(1, 0))(
                                  params, x, y)
   with pytest.raises(ValueError, match='per_example_fn must return a gradient'):
@@ -559,7 +560,7 @@ MESH_SCRIPT = textwrap.dedent('''
       ys = jax.device_put(y, NamedSharding(mesh, P('data')))
       f = jax.jit(accum_jax.value_and_grad(
           loss_fn, 2, has_aux=True, batch_argnums=(1, 2),
-          per_example_fn=clip, concat_aux=True))
+          per_example_fn=clip, aux='concat'))
       (loss, logits), grads = f(params, xs, ys)
       np.testing.assert_allclose(grads['w'], want['w'], rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-6)

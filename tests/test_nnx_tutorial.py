@@ -14,7 +14,7 @@ the tutorial's (``test_changed_lines`` counts them):
   ``(loss, logits), grads = grad_fn(model, rngs, batch)`` and
   ``optimizer.update(model, grads)`` become one statement,
   ``loss, logits = accum_jax.nnx_train_step(model, optimizer, batch,
-  loss_fn, rngs, batch_argnum=2, has_aux=True, stack_aux=True)`` (two lines
+  loss_fn, rngs, batch_argnums=2, has_aux=True, aux='stack')`` (two lines
   as formatted);
 * ``metrics.update(...)`` takes the labels split like the stacked logits,
   ``labels=accum_jax.split_batch(batch['label'], K)``: the per-row logits
@@ -115,7 +115,7 @@ def train_step(model: CNN, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric, r
 def accum_train_step(model: CNN, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric, rngs: nnx.Rngs, batch):
   """Train for a single step."""
   loss, logits = accum_jax.nnx_train_step(
-    model, optimizer, batch, loss_fn, rngs, batch_argnum=2, has_aux=True, stack_aux=True)
+    model, optimizer, batch, loss_fn, rngs, batch_argnums=2, has_aux=True, aux='stack')
   metrics.update(loss=loss, logits=logits, labels=accum_jax.split_batch(batch['label'], K))  # In-place updates.
 
 
@@ -186,7 +186,7 @@ def test_tutorial_step_matches_sequential_microbatches():
   metrics = new_metrics()
   rngs, ref_rngs = nnx.Rngs(0), nnx.Rngs(0)
   step = nnx.jit(lambda m, o, r, b: accum_jax.nnx_train_step(
-      m, o, b, loss_fn, r, batch_argnum=2, has_aux=True, stack_aux=True))
+      m, o, b, loss_fn, r, batch_argnums=2, has_aux=True, aux='stack'))
   for i, batch in enumerate(digits_batches(3)):
     loss, logits = step(model, optimizer, rngs, batch)
     ref_loss, ref_logits = sequential_step(ref, ref_opt, ref_rngs, batch)
@@ -217,7 +217,7 @@ def test_dropout_masks_differ_per_microbatch():
                                 rngs=rngs)
 
   _, masks = nnx.jit(lambda m, o, r, b: accum_jax.nnx_train_step(
-      m, o, b, loss_and_mask, r, batch_argnum=2, has_aux=True, stack_aux=True))(
+      m, o, b, loss_and_mask, r, batch_argnums=2, has_aux=True, aux='stack'))(
           model, optimizer, nnx.Rngs(0), same)
   masks = np.asarray(masks) > 0
   assert masks.shape == (K, B // K, 64)
@@ -303,9 +303,9 @@ def test_batch_argnum_out_of_range():
   model = CNN(rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, accum_jax.accumulate(optax.sgd(0.1), K),
                             wrt=nnx.Param)
-  with pytest.raises(ValueError, match='batch_argnum=3.*from 1 to 2'):
+  with pytest.raises(ValueError, match='batch_argnums=3.*from 1 to 2'):
     accum_jax.nnx_train_step(model, optimizer, digits_batches(1)[0], loss_fn,
-                             nnx.Rngs(0), batch_argnum=3)
+                             nnx.Rngs(0), batch_argnums=3)
 
 
 _MESH_SCRIPT = r'''

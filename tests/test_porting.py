@@ -139,7 +139,8 @@ def test_aux_sum_in_value_and_update_and_bad_specs():
     accum_jax.value_and_grad(lm_metrics, K, has_aux=True, aux='total')
   with pytest.raises(ValueError, match="holds 'mean' or 'sum' leaves"):
     accum_jax.value_and_grad(lm_metrics, K, has_aux=True, aux={'sum': 'max'})
-  with pytest.raises(ValueError, match='Give one'):
+  with pytest.raises(ValueError, match='Give one'), pytest.warns(
+      DeprecationWarning, match='stack_aux= is deprecated'):
     accum_jax.value_and_grad(lm_metrics, K, has_aux=True, aux='sum',
                              stack_aux=True)
   f = accum_jax.value_and_grad(lm_metrics, K, has_aux=True,
@@ -266,7 +267,7 @@ def test_nnx_several_batched_arguments_are_the_full_batch_step():
     loss_fn = cookbook_loss if order == (1, 2) else (
         lambda model, y, x: cookbook_loss(model, x, y))
     loss = nnx.jit(lambda m, o, b, f=loss_fn, order=order:
-                   accum_jax.nnx_train_step(m, o, b, f, batch_argnum=order))(
+                   accum_jax.nnx_train_step(m, o, b, f, batch_argnums=order))(
                        model, optimizer, (d['x'], d['y']))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     np.testing.assert_allclose(model.kernel[...], kernel - 0.1 * grad,
@@ -287,7 +288,7 @@ def test_an_unsplit_batch_sized_argument_is_named():
   with pytest.raises(ValueError, match='pass the batch as a tuple of that '
                      'many'):
     accum_jax.nnx_train_step(model, optimizer, d['x'], cookbook_loss,
-                             batch_argnum=(1, 2))
+                             batch_argnums=(1, 2))
 
 
 def dropout_loss(key):
@@ -333,7 +334,7 @@ def test_an_nnx_rngs_in_a_closure_is_named():
   d = data()
   with pytest.raises(ValueError, match='closes over an NNX object'):
     accum_jax.nnx_train_step(model, optimizer, (d['x'], d['y']), loss,
-                             batch_argnum=(1, 2))
+                             batch_argnums=(1, 2))
 
 
 def test_a_two_dimensional_explicit_mesh_matches_the_full_batch():

@@ -74,7 +74,7 @@ def test_strided_split_and_stacked_aux():
     return jnp.sum(params['w1']) * 0.0, batch['row']
 
   (_, rows), _ = accum_jax.value_and_grad(loss_rows, 3, has_aux=True,
-                                          stack_aux=True)(params, batch)
+                                          aux='stack')(params, batch)
   np.testing.assert_array_equal(rows, [[0, 3, 6, 9], [1, 4, 7, 10],
                                        [2, 5, 8, 11]])
   np.testing.assert_array_equal(accum_jax.split_batch(batch, 3)['row'], rows)
@@ -117,7 +117,7 @@ def test_rng_is_folded_per_microbatch():
 
   rng = jax.random.key(7)
   (_, masks), _ = accum_jax.value_and_grad(noisy, 4, has_aux=True,
-                                           stack_aux=True)(params, batch,
+                                           aux='stack')(params, batch,
                                                            rng=rng)
   for j in range(4):
     np.testing.assert_array_equal(
@@ -134,7 +134,7 @@ def test_rng_pytree_of_raw_keys():
 
   rng = {'dropout': jax.random.PRNGKey(1)}
   (_, u), _ = accum_jax.value_and_grad(noisy, 2, has_aux=True,
-                                       stack_aux=True)(params, batch, rng=rng)
+                                       aux='stack')(params, batch, rng=rng)
   np.testing.assert_allclose(
       u, [jax.random.uniform(jax.random.fold_in(rng['dropout'], j))
           for j in range(2)])
@@ -161,7 +161,7 @@ def test_typed_keys_under_any_name_are_folded_per_microbatch():
     return rngs['pair']
 
   (_, got), _ = jax.jit(accum_jax.value_and_grad(
-      draws, 4, has_aux=True, stack_aux=True, batch_argnums=1))(
+      draws, 4, has_aux=True, aux='stack', batch_argnums=1))(
           params, batch, key, key=key, rngs={'dropout': key, 'pair': keys},
           raw=raw)
   for j in range(4):

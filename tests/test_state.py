@@ -242,7 +242,7 @@ def test_select_guard_lowers_no_cond_for_the_window(select_guard):
 def _ragged(unroll):
   tx = accum_jax.accumulate(optax.sgd(LR), K)
   return tx, jax.jit(accum_jax.value_and_update(
-      linear_loss, tx, has_aux=True, stack_aux=True, unroll=unroll,
+      linear_loss, tx, has_aux=True, aux='stack', unroll=unroll,
       weight_fn=_count))
 
 
@@ -255,7 +255,7 @@ def test_ragged_window_stacks_zeros_for_padding(unroll):
 
   tx = accum_jax.accumulate(optax.sgd(LR), K)
   step = jax.jit(accum_jax.value_and_update(
-      loss, tx, has_aux=True, stack_aux=True, unroll=unroll,
+      loss, tx, has_aux=True, aux='stack', unroll=unroll,
       weight_fn=_count))
   params, batch = linear_params(), linear_batch()
   (value, aux), updates, _ = step(params, tx.init(params), batch,
