@@ -401,7 +401,17 @@ class AccumulateConfig:
         updates, st = self.finish_window(st, grads, params, extra_args)
         return jnp.zeros([], jnp.bool_), updates, cast_like(st, summed)
 
-      zeros = jax.tree.map(jnp.zeros_like, like)  # explicit shardings too
+      # Zeros typed like the window's sum, which the updates are made from
+      # (its explicit axes: an abstract `like` lacks them on a mesh with Auto
+      # axes beside Explicit ones); updates shaped otherwise (lookahead's)
+      # from `like`.
+      if jax.tree.structure(like) == jax.tree.structure(summed.acc):
+        zeros = jax.tree.map(
+            lambda u, a: jnp.zeros_like(a, dtype=u.dtype)
+            if np.shape(a) == u.shape else jnp.zeros_like(u), like,
+            summed.acc)
+      else:
+        zeros = jax.tree.map(jnp.zeros_like, like)
       _, updates, new_state = jax.lax.while_loop(
           lambda carry: carry[0], once, (ends, zeros, summed))
       return updates, new_state
