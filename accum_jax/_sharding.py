@@ -443,7 +443,26 @@ def scan(plan_: Plan, loop: _loop.LoopSpec, inp: _loop.Inputs,
     return jax.tree.map(
         lambda g, s: _reduce_grad(g, s, axes, scatter=per_step), grads, specs)
 
-  def device_fn(params, batch, args, kwargs, num_real, state):
+  # A window left part-full seeds the loop's carry rather than joining the
+  # sums after the reduction: its buffer is then the carry (on one device of
+  # each group the sum is reduced over), as on one device. Under unit
+  # weights the sums are scaled by 1 / shards after the reduction, so the
+  # seed is scaled up first, which is exact for a power-of-two shard count;
+  # otherwise, and for gradients reduce-scattered only after the loop
+  # (``'per_step'`` with sharded parameters), it joins after.
+  factor = 1 if loop.options.weight_fn is not None else plan_.num_shards
+  seeded = (start is not None and factor & (factor - 1) == 0
+            and not (per_step and any(len(s) for s in jax.tree.leaves(specs))))
+
+  def seed(acc, spec):
+    acc = acc * jnp.asarray(factor, acc.dtype) if factor != 1 else acc
+    rest = tuple(a for a in axes if a not in _spec_axes(spec))
+    if not rest:  # every device's carry is its own shard of the sum
+      return acc
+    acc = to_varying(acc, rest)
+    return jnp.where(jax.lax.axis_index(rest) == 0, acc, jnp.zeros_like(acc))
+
+  def device_fn(params, batch, args, kwargs, num_real, state, start):
     # Devices draw independent keys for their rows of a micro-batch: the
     # arguments' keys, and the threaded state's (an nnx.Rngs' stream keys).
     index = jax.lax.axis_index(axes)
@@ -455,8 +474,10 @@ def scan(plan_: Plan, loop: _loop.LoopSpec, inp: _loop.Inputs,
       params = jax.tree.map(_gather, params, specs)
     # Invariant (replicated) params would get a psum in the loop body.
     params = jax.tree.map(lambda p: to_varying(p, axes), params)
+    if start is not None:
+      start = jax.tree.map(seed, start, specs)
     result = _loop.scan(local, _loop.Inputs(params, batch, args, kwargs,
-                                            num_real, state))
+                                            num_real, state), start)
     shapes.append(result.shapes)
     return (result.sums.reduce(axes, reduce_grads),
             jax.tree.map(lambda given, folded, c: _agree_key(
@@ -468,18 +489,19 @@ def scan(plan_: Plan, loop: _loop.LoopSpec, inp: _loop.Inputs,
   else:
     run = jax.shard_map(
         device_fn, mesh=plan_.mesh,
-        in_specs=(specs, P(axes), P(), P(), P(), P()),
+        in_specs=(specs, P(axes), P(), P(), P(), P(),
+                  specs if seeded else P()),
         out_specs=(_sums.Sums(specs, P(), P(), P(), P(), P(), P(axes), P()),
                    P()),
         axis_names=frozenset(axes))
   sums, state = run(inp.params, inp.batch, inp.args, inp.kwargs,
-                    inp.num_real, inp.state)
+                    inp.num_real, inp.state, start if seeded else None)
   if loop.options.weight_fn is None:
     # Unit weights: a device's share of a micro-batch weighs 1 / num_shards,
     # so a micro-batch weighs 1 as on one device (the mean is unchanged, and
     # a window left part-full by cross-step updates is weighted the same).
     sums = sums.scaled(1.0 / plan_.num_shards, shapes[0].summed)
-  if start is not None:
+  if start is not None and not seeded:
     sums = sums.joined(start)
   (local_shapes,) = shapes
   return _loop.Result(sums, state, _sums.Shapes(

@@ -193,6 +193,39 @@ def grad_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
       rec.record(f'{prefix}/token/k{k}', jax.jit(f)(ps, bs), want_tok)
 
 
+def part_full_checks(rec, mesh, pspecs, prefix, k=4, rows=None, **options):
+  """A window left part-full by one cross-step update joins the step (its
+  sum seeds the loop's carry on a mesh): unit weights, where a micro-batch
+  weighs 1 against the update's 1, and token weights against weight=5."""
+  params, batch = make_params(), make_batch()
+  if rows is not None:
+    batch = jax.tree.map(lambda x: x[:rows], batch)
+  g0 = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params)
+  full = jax.grad(loss_fn)(params, batch)
+  tokens = jnp.sum(batch['mask'])
+  tok = jax.grad(token_reference)(params, batch)
+  cases = (
+      ('unit', loss_fn, {}, {},
+       jax.tree.map(lambda a, g: -(a + k * g) / (1 + k), g0, full)),
+      ('token', token_loss, {'weight_fn': token_weight}, {'weight': 5.0},
+       jax.tree.map(lambda a, g: -(5 * a + tokens * g) / (5 + tokens), g0,
+                    tok)),
+  )
+  for name, loss, weighting, weight, want in cases:
+    tx = accum_jax.accumulate(optax.sgd(1.0), k)
+    with _compat.set_mesh(mesh):
+      ps = put(mesh, make_params(), pspecs)
+      bs = put(mesh, batch, jax.tree.map(lambda _: P(rec.data_axes), batch))
+      gs = put(mesh, g0, pspecs)
+      _, state = jax.jit(lambda g, s, p: tx.update(g, s, p, **weight))(
+          gs, jax.jit(tx.init)(ps), ps)
+      _, updates, state = jax.jit(accum_jax.value_and_update(
+          loss, tx, **weighting, **options), donate_argnums=(1,))(
+              ps, state, bs)
+    rec.record(f'{prefix}/part_full_{name}', updates, want,
+               acc_specs=specs_of(state.acc))
+
+
 def update_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
   """Three value_and_update steps of adam, vs three full-batch adam steps."""
   params, batch = make_params(), make_batch()
@@ -576,12 +609,17 @@ def main(config):
     update_checks(rec, mesh, replicated, 'dp')
     weighted_aux_checks(rec, mesh, replicated, 'dp')
     dp_extra(rec, mesh)
+    part_full_checks(rec, mesh, replicated, 'dp')
+    # Six devices: the seed cannot be scaled exactly, so it joins after.
+    six = _compat.make_mesh((6,), ('data',), devices=jax.devices()[:6])
+    part_full_checks(rec, six, replicated, 'dp6', rows=48)
   elif config == 'fsdp':
     fsdp = {'w1': P('data'), 'b1': P('data'), 'w2': P(None, 'data')}
     for mode in ('per_microbatch', 'per_step'):
       grad_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
       update_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
       weighted_aux_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
+      part_full_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
     cross_step_checks(rec, mesh, fsdp, 'fsdp')
   elif config == '2d':
     tp = {'w1': P(None, 'model'), 'b1': P('model'), 'w2': P('model')}
@@ -592,6 +630,7 @@ def main(config):
     grad_checks(rec, mesh, tp_fsdp, 'tp_fsdp')
     update_checks(rec, mesh, tp_fsdp, 'tp_fsdp', ks=(2, 8))
     weighted_aux_checks(rec, mesh, tp_fsdp, 'tp_fsdp')
+    part_full_checks(rec, mesh, tp_fsdp, 'tp_fsdp')
   elif config == 'auto':
     auto_checks(rec, mesh)
   else:
