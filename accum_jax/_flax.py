@@ -444,6 +444,14 @@ def nnx_train_step(
         f'{type(optimizer).__name__}.'
     )
   who = 'nnx_train_step'
+  own = [n for n, v in (('num_microbatches', num_microbatches),
+                        ('options', options))
+         if v is not None and _options.declared(loss_fn, n)]
+  if own:
+    raise TypeError(
+        f'{who}: {", ".join(n + "=" for n in own)} is {who}\'s own keyword, '
+        'and loss_fn has a parameter of that name too; bind the loss\'s with '
+        'functools.partial (or rename it).')
   if options is None:
     given, kwargs = _options.split(kwargs, extra=('batch_argnum',))
     both = [n for n in given if _options.declared(loss_fn, n)]

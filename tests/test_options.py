@@ -234,6 +234,14 @@ def test_nnx_loss_keyword_named_like_an_option_reaches_the_loss():
                      r'parameter of loss_fn.*options=accum_jax.LoopOptions'):
     accum_jax.nnx_train_step(model, optimizer, batch, loss_fn, remat=True)
 
+  def counting_loss(model, mb, num_microbatches=1):
+    return loss_fn(model, mb)
+
+  with pytest.raises(TypeError, match="num_microbatches= is nnx_train_step's "
+                     'own keyword'):
+    accum_jax.nnx_train_step(model, optimizer, batch, counting_loss,
+                             num_microbatches=K)
+
 
 def test_nnx_options_as_keywords_still_work():
   x, y = _data()
