@@ -210,17 +210,8 @@ def filter_value_and_update(
     loss_fn: ``loss_fn(model, *args, **kwargs)`` returning a scalar loss, or
       ``(loss, aux)`` with ``has_aux=True``.
     tx: a transform made by :func:`accum_jax.accumulate`.
-    options: the loop's options as one :class:`accum_jax.LoopOptions`.
-    **loop_options: any field of :class:`accum_jax.LoopOptions`, replacing
-      that field of ``options``: ``has_aux``, ``weight_fn`` (it takes the
-      tuple of the batched arguments' micro-batches), ``aux``, ``remat``,
-      ``unroll``, ``per_example_fn``, ``batch_argnums`` (the positions of
-      the batched arguments in ``loss_fn``'s positional arguments, the model
-      being 0; by default every positional argument after the model),
-      ``in_axes`` (one int for all), ``mesh``, ``axis_name``,
-      ``fsdp_reduce``, ``param_specs``. ``argnums=`` and ``stack_aux=True``
-      still work as ``batch_argnums=`` and ``aux='stack'``, with a
-      ``DeprecationWarning``.
+    options: as in :func:`filter_value_and_grad`.
+    **loop_options: as in :func:`filter_value_and_grad`.
 
   Returns:
     ``f(model, opt_state, *args, **kwargs)`` returning ``(value, updates,

@@ -310,15 +310,8 @@ def value_and_update(
       :func:`value_and_grad`); ``f`` still takes the params first, then
       ``opt_state``, then ``loss_fn``'s other arguments in their order, and
       ``batch_argnums`` are positions in ``loss_fn``'s own arguments.
-    options: the loop's options as one :class:`LoopOptions` (by default
-      its defaults).
-    **loop_options: any field of :class:`LoopOptions`, replacing that field
-      of ``options``: ``has_aux``, ``weight_fn``, ``aux``, ``remat``,
-      ``unroll``, ``per_example_fn``, ``batch_argnums``, ``batch_argnames``,
-      ``in_axes``, ``mesh``, ``axis_name``, ``fsdp_reduce``,
-      ``param_specs``. ``stack_aux=True`` and ``concat_aux=True`` still
-      work as ``aux='stack'`` and ``aux='concat'``, with a
-      ``DeprecationWarning``.
+    options: as in :func:`value_and_grad`.
+    **loop_options: as in :func:`value_and_grad`.
 
   Returns:
     ``f(params, opt_state, batch, *args, **kwargs)`` returning ``(value,
