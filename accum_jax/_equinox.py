@@ -6,7 +6,7 @@ functions, sizes). :func:`filter_value_and_grad` and
 ``eqx.is_inexact_array`` leaves, as ``eqx.filter_value_and_grad`` does, and
 treat the rest as static: each call partitions the module, binds the static
 part into the loss of the driver's ``_loop.LoopSpec`` and runs the core
-(``_scan.run``, ``_scan.optimizer_step``) on the arrays.
+(``_scan.runner``, ``_scan.optimizer_step``) on the arrays.
 
 Equinox is imported only when these names are first used (``accum_jax``
 itself depends on jax and optax only).

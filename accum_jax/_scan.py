@@ -65,13 +65,6 @@ def runner(loop: _loop.LoopSpec, inp: _loop.Inputs
   return functools.partial(_sharding.scan, plan)
 
 
-def run(loop: _loop.LoopSpec, inp: _loop.Inputs,
-        start: Any = None) -> _loop.Result:
-  """Runs ``loop`` here, or split over the mesh that shards the batch (see
-  :func:`runner`)."""
-  return runner(loop, inp)(loop, inp, start)
-
-
 def _check_not_split(loop: _loop.LoopSpec, batch: Any) -> None:
   """A batch axis other than the leading one is split on this device only."""
   axes = loop.batch_args.tree_axes

@@ -371,7 +371,8 @@ def dp_extra(rec, mesh):
 
     @jax.jit
     def stream_step(p, b, state):
-      result = _scan.run(loop, _loop.inputs(loop, p, b, (), {}, state))
+      inp = _loop.inputs(loop, p, b, (), {}, state)
+      result = _scan.runner(loop, inp)(loop, inp, None)
       return result.mean_grads(), result.state
 
     grads, state = stream_step(ps, bs, state0)
