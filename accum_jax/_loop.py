@@ -539,17 +539,17 @@ def _real_only(step, init, num_real, k):
 
 
 def _check_rows(aux_like, rows: int, axis: int):
-  """With ``concat_aux``, every aux leaf has a row per row of the
+  """With ``aux='concat'``, every aux leaf has a row per row of the
   micro-batch along ``axis``."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(aux_like):
     shape = np.shape(leaf)
     if not -len(shape) <= axis < len(shape) or shape[axis] != rows:
       raise ValueError(
-          f'concat_aux=True returns the aux of every row, so every aux leaf '
+          f"aux='concat' returns the aux of every row, so every aux leaf "
           f'needs one entry per row of the micro-batch ({rows} rows) along '
           f'axis {axis}; aux leaf {jax.tree_util.keystr(path) or "<aux>"} has '
           f'shape {shape}. Return per-batch values (a mean, a count) from a '
-          'second call, or use stack_aux=True.'
+          "second call, or use aux='stack'."
       )
 
 

@@ -224,7 +224,7 @@ class LoopOptions:
     object.__setattr__(self, 'remat', remat_policy(self.remat))
     object.__setattr__(self, 'unroll', check_unroll(self.unroll))
     if self.concat_aux and not self.has_aux:
-      raise ValueError('concat_aux=True returns the aux of every row; it needs'
+      raise ValueError("aux='concat' returns the aux of every row; it needs"
                        ' has_aux=True.')
     if self.per_example_fn is not None and not callable(self.per_example_fn):
       raise TypeError('per_example_fn must be a function of one example\'s '

@@ -156,8 +156,8 @@ def concat_microbatches(microbatches: Any, axis: int = 0) -> Any:
 
   The inverse of :func:`split_batch`: leaves of shape ``(k, B // k, ...)``
   become ``(B, ...)``, row ``j + k * r`` being row ``r`` of micro-batch
-  ``j``. Use it on per-row aux returned with ``stack_aux=True`` (or pass
-  ``concat_aux=True`` to the drivers, which return it in row order directly).
+  ``j``. Use it on per-row aux returned with ``aux='stack'`` (or pass
+  ``aux='concat'`` to the drivers, which return it in row order directly).
 
   Args:
     microbatches: a pytree whose leaves have a leading micro-batch axis of
