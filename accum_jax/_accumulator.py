@@ -102,19 +102,22 @@ class Accumulator:
           index: jax.Array) -> tuple[_sums.Sums, Any]:
     """``(sums, stacked)``: the sums with micro-batch ``index`` added, and
     what the loop stacks for it (its aux and weight with ``'stack'``)."""
-    if self.noise_rows is not None:
-      # The squared norm of the gradient as it exists here, before it is
-      # added into the carry: no second pass, no buffer of its own.
-      micro = micro._replace(noise=_noise.piece(
-          micro.grads, micro.weight,
-          micro.weight if self.weighted else self.noise_rows,
-          prescaled=self.prescaled))
     if self.aux == 'concat':
       sums = sums._replace(aux_rows=_sums.rows_add(
           sums.aux_rows, micro.aux, index, self.aux_axis))
       micro = micro._replace(aux=None)
     stacked = (micro.aux, micro.weight) if self.aux == 'stack' else None
-    return sums.add(micro, self.shapes.summed), stacked
+    added = sums.add(micro, self.shapes.summed)
+    if self.noise_rows is not None:
+      # The gradient's squared norm, taken with its add into the carry.
+      scale = (micro.weight if micro.grad_scale is None
+               else micro.grad_scale)
+      sq = _noise.added_sq_norm(micro.grads, sums.grads, added.grads, scale)
+      added = added._replace(noise=added.noise + _noise.piece(
+          micro.grads, micro.weight,
+          micro.weight if self.weighted else self.noise_rows,
+          prescaled=self.prescaled, sq=sq))
+    return added, stacked
 
   def finish(self, sums: _sums.Sums, stacked: Any) -> _sums.Sums:
     """The sums after the last micro-batch, with the stacked aux and the

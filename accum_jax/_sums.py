@@ -71,7 +71,6 @@ class Micro(NamedTuple):
       ``'propagate'``).
     grad_scale: what the gradient is added with: None for its weight, else a
       float32 scalar (1 for a gradient that already carries its weight).
-    noise: its noise scale ``Tally`` (its gradient's squared norm), or None.
   """
 
   value: Any
@@ -80,7 +79,6 @@ class Micro(NamedTuple):
   weight: jax.Array
   bad: Any
   grad_scale: jax.Array
-  noise: Any = None
 
 
 def sum_dtype(dtype) -> jnp.dtype:
@@ -224,7 +222,7 @@ class Sums(NamedTuple):
         bad=None if self.bad is None else self.bad + micro.bad,
         aux_weights=self.aux_weights,
         aux_rows=self.aux_rows,
-        noise=None if self.noise is None else self.noise + micro.noise,
+        noise=self.noise,
         skip_info=self.skip_info,
     )
 

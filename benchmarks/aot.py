@@ -150,6 +150,26 @@ def cross_step_row(devices, k=8):
   return row
 
 
+def noise_readers(devices, k=8):
+  """``{'accum_jax': [...], 'twin': [...]}``: the readers of each 4096 x 4096
+  weight gradient made in the loop (:func:`benchmarks.hlo.loop_readers`),
+  with the noise scale tracked, and in the twin that takes each micro-batch
+  gradient's squared norm. XLA:GPU's matmuls only (empty elsewhere)."""
+  mesh = mesh_for(devices[:1], 'explicit')
+  params, batch = memory_paths.setup(width=4096, depth=6, batch_size=256)
+  inner = optax.adam(1e-3)
+  out = {}
+  for who, (step, init) in (
+      ('accum_jax', memory_paths.accum_step(inner, k, noise=True)),
+      ('twin', memory_paths.twin_step(inner, k, noise=True))):
+    opt_state = jax.eval_shape(init, params)
+    args = [placed(x, mesh, lambda s: P()) for x in (params, opt_state, batch)]
+    out[who] = hlo.loop_readers(compile_step(step, args, mesh),
+                                'f32[4096,4096]')
+  print(f"  noise scale, readers of each weight gradient: {out}", flush=True)
+  return out
+
+
 # -- the LM table -----------------------------------------------------------
 
 LM = dict(layers=4, dim=1024, heads=8, vocab=32768, seq=512, per_device=8,
@@ -406,6 +426,12 @@ def markdown(result):
       lines.append(f"| {r['path']} | {a['peak']:.1f} ({a['temp']:.1f}) | "
                    f"{t['peak']:.1f} ({t['temp']:.1f}) | {r['ratio']:.3f} |")
     lines.append('')
+  readers = result.get('noise_readers')
+  if readers and readers['accum_jax']:
+    lines += ['`track_noise_scale=True`: the readers of each 4096 x 4096 '
+              'weight gradient in the loop (the matmul that makes it feeds '
+              f"them): accum_jax {readers['accum_jax']}, the twin taking "
+              f"each norm {readers['twin']}.", '']
   if result.get('cross_step'):
     r = result['cross_step']
     lines += ['One cross-step call on a micro-batch of 32 rows, same MLP: '
@@ -465,6 +491,7 @@ def main(argv=None):
   if 'paths' in tables:
     result['paths'] = path_rows(devices)
     result['cross_step'] = cross_step_row(devices)
+    result['noise_readers'] = noise_readers(devices)
   if 'lm' in tables:
     result['lm'] = lm_rows(devices, [s for s in args.layouts.split(',') if s])
   os.makedirs(args.out, exist_ok=True)

@@ -151,3 +151,38 @@ def combines_all_reduces(mesh, axis):
   outside = count_collectives(compiled)['outside']['all-reduce']
   assert outside in (1, 3), outside
   return outside == 1
+
+
+_DEF = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\S+?)(?:\{[\d,]*\})?\s+'
+                  r'(\S+?)\(')
+
+
+def loop_readers(compiled: Any, shape: str) -> list[int]:
+  """How many instructions read each matmul result of ``shape`` (e.g.
+  ``'f32[4096,4096]'``) made in a ``while`` loop's body: one per matmul
+  (a ``kind=kCustom`` fusion or a custom call, as XLA:GPU emits them).
+
+  A gradient added into the loop's carry inside the matmul's epilogue, or
+  read by one fusion, has one reader; a gradient kept in a buffer that two
+  kernels read has two.
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  comps, _ = _computations(text)
+  bodies = {b for lines in comps.values() for line in lines
+            for b in _BODY.findall(line)}
+  counts = []
+  for name in bodies:
+    lines = comps.get(name, [])
+    for line in lines:
+      found = _DEF.match(line)
+      if not found or found.group(2) != shape:
+        continue
+      op = found.group(3)
+      if not (op == 'custom-call' or (op == 'fusion'
+                                      and 'kind=kCustom' in line)):
+        continue
+      use = re.compile('%' + re.escape(found.group(1)) + r'(?![\w.\-])')
+      counts.append(sum(1 for other in lines
+                        if other is not line and use.search(other.split(
+                            '=', 1)[-1])))
+  return counts

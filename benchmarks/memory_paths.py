@@ -72,30 +72,34 @@ def accum_step(inner, k, *, apply=True, weighted=False, ragged=False,
 
 
 def twin_step(inner, k, *, apply=True, weighted=False, ragged=False,
-              norms=False):
+              norms=False, noise=False):
   """The hand-written loop: selects only, no ``lax.cond``. With ``norms``
   it also returns the norms of the mean gradient and of the updates, as a
-  trainer that logs them does."""
+  trainer that logs them does; with ``noise``, the sum of each micro-batch
+  gradient's squared norm, as a hand-written noise scale estimator takes
+  it."""
 
   def step(params, opt_state, batch, *num_real):
     xs = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]),
                       batch)
 
     def body(carry, j):
-      acc, w_sum, l_sum = carry
+      acc, w_sum, l_sum, sq_sum = carry
       mb = jax.tree.map(
           lambda x: jax.lax.dynamic_index_in_dim(x, j, 1, keepdims=False), xs)
       loss, grads = jax.value_and_grad(loss_fn)(params, mb)
       w = weight_fn(mb) if weighted else jnp.ones([], jnp.float32)
       if ragged:
         w = jnp.where(j < num_real[0], w, 0.0)
+      if noise:
+        sq_sum = sq_sum + optax.tree.norm(grads, squared=True)
       acc = jax.tree.map(lambda a, g: a + w * g, acc, grads)
-      return (acc, w_sum + w, l_sum + w * loss), None
+      return (acc, w_sum + w, l_sum + w * loss, sq_sum), None
 
     init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-            jnp.zeros([]), jnp.zeros([]))
-    (acc, w_sum, l_sum), _ = jax.lax.scan(body, init,
-                                          jnp.arange(k, dtype=jnp.int32))
+            jnp.zeros([]), jnp.zeros([]), jnp.zeros([]))
+    (acc, w_sum, l_sum, sq_sum), _ = jax.lax.scan(
+        body, init, jnp.arange(k, dtype=jnp.int32))
     if weighted or ragged:
       w_sum = jnp.where(w_sum > 0, w_sum, 1.0)
     grads = jax.tree.map(lambda a: a / w_sum, acc)
@@ -103,6 +107,8 @@ def twin_step(inner, k, *, apply=True, weighted=False, ragged=False,
     loss = l_sum / w_sum
     if norms:
       loss = (loss, optax.tree.norm(grads), optax.tree.norm(updates))
+    if noise:
+      loss = (loss, sq_sum, optax.tree.norm(acc, squared=True))
     if not apply:
       return loss, updates, opt_state
     return loss, optax.apply_updates(params, updates), opt_state
@@ -146,6 +152,8 @@ def rows(k=8, apply=True):
        accum_step(inner, k, apply=apply, nonfinite='skip_step'), plain(), ()),
       ('track_noise_scale=True (vs plain twin)',
        accum_step(inner, k, apply=apply, noise=True), plain(), ()),
+      ('track_noise_scale=True (vs twin taking each norm)',
+       accum_step(inner, k, apply=apply, noise=True), plain(noise=True), ()),
       ('k=1 (vs full batch)', accum_step(inner, 1, apply=apply),
        full_batch_step(inner, apply=apply), ()),
       ('cross_step=False', accum_step(inner, k, apply=apply,

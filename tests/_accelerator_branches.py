@@ -2,8 +2,8 @@
 on this CPU.
 
 accum_jax picks some formulations per platform with
-``lax.platform_dependent`` (the window guard, the cross-step window end; see
-docs/architecture.md). XLA:CPU gets the ``cpu`` branch, so the main suite
+``lax.platform_dependent`` (the window guard, the cross-step window end, the
+noise scale's norm; see docs/architecture.md). XLA:CPU gets the ``cpu`` branch, so the main suite
 never runs the others. With ``-p tests._accelerator_branches`` every platform
 takes the default (GPU and TPU) branch, and the suite's references check its
 numbers (``.ci/run`` does this for the files that drive the transform).
@@ -26,5 +26,6 @@ def pytest_configure(config):
 
 def apply():
   """Every platform takes the GPU/TPU branches (in this process)."""
-  from accum_jax import _accumulate  # pylint: disable=g-import-not-at-top
+  from accum_jax import _accumulate, _noise  # pylint: disable=g-import-not-at-top
   _accumulate.COND_PLATFORMS = ()
+  _noise.INCREMENT_PLATFORMS = ('cpu', 'cuda', 'rocm')

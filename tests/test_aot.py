@@ -24,8 +24,8 @@ LIMIT = 1.01
 OPEN = {
     ('gpu', 'track_noise_scale=True (vs plain twin)'):
         'XLA:GPU adds the gradient into the sum inside the matmul that makes '
-        'it; its squared norm needs the gradient in a buffer of its own (one '
-        'leaf, 64 MiB)',
+        'it; any norm of each micro-batch gradient needs the gradient in a '
+        'buffer of its own (one leaf, 64 MiB); at the twin taking each norm',
 }
 
 
@@ -63,6 +63,18 @@ def test_path_at_the_twin(path, path_rows, devices):
         'remove it from OPEN'
     pytest.xfail(reason)
   assert row['ratio'] <= LIMIT, row
+
+
+def test_noise_scale_reads_each_gradient_once(devices):
+  """XLA:GPU: with the noise scale tracked, each weight gradient the loop's
+  matmuls make is read by one kernel, which adds it into the sum and takes
+  its squared norm; a hand-written loop taking the norm reads it twice."""
+  if devices[0].platform != 'gpu':
+    pytest.skip("XLA:GPU's matmuls")
+  from benchmarks import aot
+  readers = aot.noise_readers(devices)
+  assert readers['accum_jax'] == [1] * 6, readers
+  assert readers['twin'] == [2] * 6, readers
 
 
 def test_lm_one_device_at_the_twin(devices):

@@ -183,6 +183,7 @@ def test_memory_falls_with_k_on_activations(k):
     'plain value_and_update', 'weight_fn=', 'num_real_microbatches= (traced)',
     "nonfinite='skip_step' (vs plain twin)",
     'track_noise_scale=True (vs plain twin)',
+    'track_noise_scale=True (vs twin taking each norm)',
     "track_norms=('grad',) (vs plain twin)"])
 def test_in_step_paths_match_hand_written_twin(path):
   from benchmarks import memory_paths
