@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from accum_jax import _loop, _split, _sums
+from accum_jax import _casts, _loop, _split, _sums
 from accum_jax._varying import to_varying, varying_axes
 
 FSDP_REDUCE = ('per_microbatch', 'per_step')
@@ -339,6 +339,35 @@ def _gather(x, spec: P):
   return x
 
 
+def _gather_as(x, spec: P, dtype):
+  """``_gather(x)`` for a loss whose one use of the gathered parameter is a
+  cast to ``dtype``: gathered cast (the cast commutes with the gather; half
+  the bytes moved and held for float32 to bfloat16) and widened back, so the
+  loss sees its parameter's dtype and its own cast gives the same values
+  (the compiler folds the widening into it). The gradient is reduce-scattered
+  in ``x``'s dtype, as the gather of ``x`` gives it: the same numbers."""
+  if dtype is None:
+    return _gather(x, spec)
+
+  @jax.custom_vjp
+  def gather(x):
+    return _gather(x.astype(dtype), spec).astype(x.dtype)
+
+  def fwd(x):
+    return gather(x), None
+
+  def bwd(_, ct):
+    for dim in reversed(range(len(spec))):
+      if spec[dim] is not None:
+        ct = jax.lax.psum_scatter(to_varying(ct, _axes_tuple(spec[dim])),
+                                  spec[dim], scatter_dimension=dim,
+                                  tiled=True)
+    return (ct,)
+
+  gather.defvjp(fwd, bwd)
+  return gather(x)
+
+
 def _spec_axes(spec: P) -> tuple[str, ...]:
   return tuple(a for entry in spec for a in _axes_tuple(entry))
 
@@ -431,8 +460,15 @@ def scan(plan_: Plan, loop: _loop.LoopSpec, inp: _loop.Inputs,
     # inside the differentiated function, so a weight must seed it there.
 
     def gathered(shards, microbatch, *args, **kwargs):
-      shards = jax.tree.map(_pin, shards)
-      return loop.loss_fn(jax.tree.map(_gather, shards, specs), microbatch,
+      # A parameter the loss only casts (to bfloat16) is gathered cast.
+      dtypes = _casts.cast_dtypes(
+          lambda p, *a, **k: loop.loss_fn(jax.tree.map(_gather, p, specs), *a,
+                                          **k),
+          shards, microbatch, *args, **kwargs)
+      flat, treedef = jax.tree.flatten(shards)
+      params = [_gather_as(_pin(x), spec, dtype) for x, spec, dtype in zip(
+          flat, treedef.flatten_up_to(specs), dtypes, strict=True)]
+      return loop.loss_fn(jax.tree.unflatten(treedef, params), microbatch,
                           *args, **kwargs)
 
     local = dataclasses.replace(loop, loss_fn=gathered,

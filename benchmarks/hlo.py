@@ -13,7 +13,9 @@ import numpy as np
 COLLECTIVES = ('all-reduce', 'reduce-scatter', 'all-gather', 'all-to-all',
                'collective-permute')
 
-_HEADER = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$')
+# A computation's first line; before optimization it may give no signature.
+_HEADER = re.compile(
+    r'^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\)\s*->.*)?\{\s*$')
 _CALLS = re.compile(
     r'\b(?:calls|to_apply|body|condition|branch_computations|'
     r'called_computations|async_computation)=\{?([^}\s,]+(?:,\s*%[\w.\-]+)*)')
@@ -186,3 +188,28 @@ def loop_readers(compiled: Any, shape: str) -> list[int]:
                         if other is not line and use.search(other.split(
                             '=', 1)[-1])))
   return counts
+
+
+_COLLECTIVE_TYPE = re.compile(
+    r'=\s*\(*([a-z]+\d*)\[[^=]*?\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
+
+
+def collective_dtypes(compiled: Any, op: str,
+                      loops_only: bool = False) -> dict[str, int]:
+  """``{dtype: n}``: the element types of the ``op`` collectives (e.g.
+  ``'all-gather'``), one count per op (an asynchronous pair once, a combined
+  op by its first operand's type); with ``loops_only``, those in the body or
+  condition of a ``while`` loop only."""
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  comps, entry = _computations(text)
+  roots = [entry]
+  if loops_only:
+    roots = {b for lines in comps.values() for line in lines
+             for b in _BODY.findall(line) + _COND.findall(line)}
+  counts = collections.Counter()
+  for name in _reachable(comps, roots):
+    for line in comps[name]:
+      found = _COLLECTIVE_TYPE.search(re.sub(r'/\*.*?\*/', '', line))
+      if found and found.group(2) == op:
+        counts[found.group(1)] += 1
+  return dict(counts)

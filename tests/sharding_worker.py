@@ -25,7 +25,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import accum_jax  # noqa: E402
-from accum_jax import _compat, _loop, _scan, _sharding  # noqa: E402
+from accum_jax import _casts, _compat, _loop, _scan, _sharding  # noqa: E402
 from benchmarks import hlo as _hlo  # noqa: E402
 
 B = 64
@@ -224,6 +224,55 @@ def part_full_checks(rec, mesh, pspecs, prefix, k=4, rows=None, **options):
               ps, state, bs)
     rec.record(f'{prefix}/part_full_{name}', updates, want,
                acc_specs=specs_of(state.acc))
+
+
+def bf16_loss(params, batch):
+  """bfloat16 compute: w1 and w2 are only cast (gathered cast under FSDP);
+  b1 is also read in float32 (gathered in float32)."""
+  bf16 = jnp.bfloat16
+  h = jnp.tanh(batch['x'].astype(bf16) @ params['w1'].astype(bf16)
+               + params['b1'].astype(bf16))
+  out = (h @ params['w2'].astype(bf16)).astype(jnp.float32)
+  return (jnp.mean((out - batch['y']) ** 2)
+          + 1e-3 * jnp.sum(params['b1'] ** 2))
+
+
+def cast_checks(rec, mesh, pspecs, k=4):
+  """FSDP per micro-batch with a loss that casts its parameters: those it
+  only casts are all-gathered in bfloat16, with the same numbers as
+  gathering float32 and casting (the detection turned off: ``want``), and
+  near the full batch (``full_batch``: bfloat16 compute, so to its
+  rounding)."""
+  params, batch = make_params(), make_batch()
+  want = jax.jit(jax.value_and_grad(bf16_loss))(params, batch)
+  def make():
+    return accum_jax.value_and_grad(bf16_loss, k,
+                                    fsdp_reduce='per_microbatch')
+
+  def emitted(f, op):  # before XLA:CPU widens bfloat16 collectives to f32
+    hlo = jax.jit(f).lower(ps, bs).compiler_ir('hlo').as_hlo_text()
+    return _hlo.collective_dtypes(hlo, op)
+
+  with _compat.set_mesh(mesh):
+    ps = put(mesh, params, pspecs)
+    bs = put(mesh, batch, jax.tree.map(lambda _: P(rec.data_axes), batch))
+    f = make()
+    got, counts = rec.run(f, ps, bs)
+    gathers = emitted(f, 'all-gather')
+    scatters = emitted(f, 'reduce-scatter')
+    detect = _casts.cast_dtypes
+    _casts.cast_dtypes = lambda fn, params, *a, **kw: [None] * len(
+        jax.tree.leaves(params))
+    try:
+      f = make()  # traced anew
+      gathered_f32 = jax.jit(f)(ps, bs)
+      f32_gathers = emitted(f, 'all-gather')
+    finally:
+      _casts.cast_dtypes = detect
+  rec.record(f'fsdp_cast/grad/k{k}', got, gathered_f32, counts,
+             full_batch=tolist(want), gathers=gathers,
+             f32_gathers=f32_gathers, scatters=scatters,
+             grad_specs=specs_of(got[1]))
 
 
 def update_checks(rec, mesh, pspecs, prefix, ks=KS, **options):
@@ -622,6 +671,7 @@ def main(config):
       weighted_aux_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
       part_full_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
     cross_step_checks(rec, mesh, fsdp, 'fsdp')
+    cast_checks(rec, mesh, fsdp)
   elif config == '2d':
     tp = {'w1': P(None, 'model'), 'b1': P('model'), 'w2': P('model')}
     grad_checks(rec, mesh, tp, 'tp')
