@@ -237,17 +237,40 @@ def bf16_loss(params, batch):
           + 1e-3 * jnp.sum(params['b1'] ** 2))
 
 
-def cast_checks(rec, mesh, pspecs, k=4):
+def linen_bf16():
+  """A Flax linen MLP computing in bfloat16 over float32 parameters, as
+  users write it (``dtype=``): its loss, parameters and FSDP specs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class MLP(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = jnp.tanh(nn.Dense(32, dtype=jnp.bfloat16)(x))
+      return nn.Dense(8, dtype=jnp.bfloat16)(x).astype(jnp.float32)
+
+  model = MLP()
+  params = model.init(jax.random.key(0), jnp.ones((2, 16)))['params']
+
+  def loss(p, batch):
+    return jnp.mean((model.apply({'params': p}, batch['x']) - batch['y']) ** 2)
+
+  specs = {'Dense_0': {'kernel': P(None, 'data'), 'bias': P('data')},
+           'Dense_1': {'kernel': P('data'), 'bias': P('data')}}
+  return loss, params, specs
+
+
+def cast_checks(rec, mesh, name, loss, params, pspecs, k=4):
   """FSDP per micro-batch with a loss that casts its parameters: those it
   only casts are all-gathered in bfloat16, with the same numbers as
   gathering float32 and casting (the detection turned off: ``want``), and
   near the full batch (``full_batch``: bfloat16 compute, so to its
   rounding)."""
-  params, batch = make_params(), make_batch()
-  want = jax.jit(jax.value_and_grad(bf16_loss))(params, batch)
+  batch = make_batch()
+  want = jax.jit(jax.value_and_grad(loss))(params, batch)
+
   def make():
-    return accum_jax.value_and_grad(bf16_loss, k,
-                                    fsdp_reduce='per_microbatch')
+    return accum_jax.value_and_grad(loss, k, fsdp_reduce='per_microbatch')
 
   def emitted(f, op):  # before XLA:CPU widens bfloat16 collectives to f32
     hlo = jax.jit(f).lower(ps, bs).compiler_ir('hlo').as_hlo_text()
@@ -269,7 +292,7 @@ def cast_checks(rec, mesh, pspecs, k=4):
       f32_gathers = emitted(f, 'all-gather')
     finally:
       _casts.cast_dtypes = detect
-  rec.record(f'fsdp_cast/grad/k{k}', got, gathered_f32, counts,
+  rec.record(f'fsdp_cast/{name}/k{k}', got, gathered_f32, counts,
              full_batch=tolist(want), gathers=gathers,
              f32_gathers=f32_gathers, scatters=scatters,
              grad_specs=specs_of(got[1]))
@@ -671,7 +694,8 @@ def main(config):
       weighted_aux_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
       part_full_checks(rec, mesh, fsdp, f'fsdp_{mode}', fsdp_reduce=mode)
     cross_step_checks(rec, mesh, fsdp, 'fsdp')
-    cast_checks(rec, mesh, fsdp)
+    cast_checks(rec, mesh, 'mlp', bf16_loss, make_params(), fsdp)
+    cast_checks(rec, mesh, 'linen', *linen_bf16())
   elif config == '2d':
     tp = {'w1': P(None, 'model'), 'b1': P('model'), 'w2': P('model')}
     grad_checks(rec, mesh, tp, 'tp')

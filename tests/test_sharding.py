@@ -200,18 +200,24 @@ def test_fsdp_per_microbatch(results, api, k):
     assert record['param_specs'] == want
 
 
-def test_fsdp_gathers_a_cast_parameter_cast(results):
-  """A loss computing in bfloat16: the parameters it only casts (w1, w2)
-  are gathered in bfloat16, as GSPMD gathers a hand-written loop's (half
-  the bytes), b1 (also read in float32) in float32; the gradients are
-  reduce-scattered in float32 and bit-identical to gathering float32."""
-  record = results['fsdp']['fsdp_cast/grad/k4']
-  assert record['gathers'] == {'bf16': 2, 'f32': 1}, record['gathers']
-  assert record['f32_gathers'] == {'f32': 3}, record['f32_gathers']
-  assert record['scatters'] == {'f32': 3}, record['scatters']
+@pytest.mark.parametrize('name, gathers, specs', [
+    ('mlp', {'bf16': 2, 'f32': 1},
+     ["P('data',)", "P('data', None)", "P(None, 'data')"]),
+    ('linen', {'bf16': 4},
+     ["P('data',)", "P(None, 'data')", "P('data',)", "P('data', None)"]),
+])
+def test_fsdp_gathers_a_cast_parameter_cast(results, name, gathers, specs):
+  """A loss computing in bfloat16 (by hand, and a Flax linen model with
+  ``dtype=bfloat16``): the parameters it only casts are gathered in
+  bfloat16, as GSPMD gathers a hand-written loop's (half the bytes); the
+  hand-written loss's b1, also read in float32, in float32. The gradients
+  are reduce-scattered in float32 and bit-identical to gathering float32."""
+  record = results['fsdp'][f'fsdp_cast/{name}/k4']
+  assert record['gathers'] == gathers, record['gathers']
+  assert record['f32_gathers'] == {'f32': sum(gathers.values())}, record
+  assert record['scatters'] == {'f32': sum(gathers.values())}, record
   assert record['got'] == record['want']  # gathered f32, then cast
-  assert record['grad_specs'] == ["P('data',)", "P('data', None)",
-                                  "P(None, 'data')"]
+  assert record['grad_specs'] == specs
   for got, want in zip(record['got'], record['full_batch'], strict=True):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2,
                                atol=2e-3)
