@@ -86,8 +86,9 @@ def compile_step(step, args, mesh):
 
 
 def figures(compiled, mesh=None):
-  """Per-device peak and its parts (MiB), and the collectives along
-  ``'data'`` inside and after the loop."""
+  """Per-device peak and its parts (MiB), the collectives along ``'data'``
+  inside and after the loop, and the element types of the all-gathers in
+  the loop."""
   m = compiled.memory_analysis()
   out = {'argument': m.argument_size_in_bytes / MIB,
          'output': m.output_size_in_bytes / MIB,
@@ -98,6 +99,8 @@ def figures(compiled, mesh=None):
     counts = hlo.count_collectives(compiled, mesh, 'data')
     out['inside'] = {op: n for op, n in counts['inside'].items() if n}
     out['after'] = {op: n for op, n in counts['outside'].items() if n}
+    out['gathered'] = hlo.collective_dtypes(compiled, 'all-gather',
+                                            loops_only=True)
   return out
 
 
@@ -470,6 +473,13 @@ def markdown(result):
           f"{r['vs_full']:.3f} | {coll('accum_jax')} | "
           f"{coll('twin')} |")
     lines.append('')
+    gathers = [
+        f"{r['layout']}: accum_jax {_ops(r['accum_jax']['gathered'])}, twin "
+        f"{_ops(r['twin'].get('gathered', {}))}" for r in result['lm']
+        if r.get('accum_jax', {}).get('gathered')]
+    if gathers:
+      lines += ['All-gathers in the loop by element type: '
+                + '; '.join(gathers) + '.', '']
   return '\n'.join(lines)
 
 

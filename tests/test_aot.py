@@ -98,6 +98,17 @@ def test_lm_data_parallel_at_the_twin(devices):
     assert ours['after'].get('all-reduce', 0) >= 1, (who, ours)
 
 
+def test_lm_fsdp_gathers_the_cast_parameters(devices):
+  """FSDP on the LM, whose loss casts every parameter to bf16 (Explicit
+  axes): each all-gather in the loop is bf16, at the twin's peak."""
+  from benchmarks import aot
+  (row,) = aot.lm_rows(devices, ['FSDP, Explicit'],
+                       only=('accum_jax', 'twin'))
+  gathered = row['accum_jax']['gathered']
+  assert set(gathered) == {'bf16'}, gathered
+  assert row['ratio'] <= LIMIT, row
+
+
 def test_cross_step_call_holds_at_most_the_updates_more(devices):
   """A cross-step tx.update call against optax.MultiSteps': at most one
   parameter-sized buffer more, the updates, which MultiSteps fuses into
