@@ -357,12 +357,7 @@ def _gather_as(x, spec: P, dtype):
     return gather(x), None
 
   def bwd(_, ct):
-    for dim in reversed(range(len(spec))):
-      if spec[dim] is not None:
-        ct = jax.lax.psum_scatter(to_varying(ct, _axes_tuple(spec[dim])),
-                                  spec[dim], scatter_dimension=dim,
-                                  tiled=True)
-    return (ct,)
+    return (_reduce_grad(ct, spec, (), scatter=True),)
 
   gather.defvjp(fwd, bwd)
   return gather(x)

@@ -77,6 +77,13 @@ def _callees(lines: list[str]) -> set[str]:
   return out
 
 
+def _loops(comps, bodies_only=False) -> set[str]:
+  """The computations that are a ``while`` loop's body (or condition)."""
+  patterns = (_BODY,) if bodies_only else (_BODY, _COND)
+  return {name for lines in comps.values() for line in lines
+          for pattern in patterns for name in pattern.findall(line)}
+
+
 def _reachable(comps, roots) -> set[str]:
   seen, todo = set(), list(roots)
   while todo:
@@ -113,12 +120,7 @@ def count_collectives(compiled: Any, mesh: Any = None,
               for idx, d in np.ndenumerate(mesh.devices)}
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   comps, entry = _computations(text)
-  loops = set()
-  for lines in comps.values():
-    for line in lines:
-      loops.update(_BODY.findall(line))
-      loops.update(_COND.findall(line))
-  inside = _reachable(comps, loops)
+  inside = _reachable(comps, _loops(comps))
   outside = _reachable(comps, [entry]) - inside
   counts = {'inside': collections.Counter(), 'outside': collections.Counter()}
   for where, names in (('inside', inside), ('outside', outside)):
@@ -170,10 +172,8 @@ def loop_readers(compiled: Any, shape: str) -> list[int]:
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   comps, _ = _computations(text)
-  bodies = {b for lines in comps.values() for line in lines
-            for b in _BODY.findall(line)}
   counts = []
-  for name in bodies:
+  for name in _loops(comps, bodies_only=True):
     lines = comps.get(name, [])
     for line in lines:
       found = _DEF.match(line)
@@ -202,10 +202,7 @@ def collective_dtypes(compiled: Any, op: str,
   condition of a ``while`` loop only."""
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   comps, entry = _computations(text)
-  roots = [entry]
-  if loops_only:
-    roots = {b for lines in comps.values() for line in lines
-             for b in _BODY.findall(line) + _COND.findall(line)}
+  roots = _loops(comps) if loops_only else [entry]
   counts = collections.Counter()
   for name in _reachable(comps, roots):
     for line in comps[name]:
