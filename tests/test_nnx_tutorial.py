@@ -373,6 +373,71 @@ with _compat.set_mesh(mesh):
       'want': np.asarray(ref_st.params['kernel']).tolist(),
       'counts': hlo.count_collectives(lstep.lower(st, bs).compile(), mesh,
                                       'data')}
+
+# FSDP of an NNX model computing in bf16 (Explicit axes): its parameters are
+# gathered in bf16, with the numbers of gathering f32 (detection off).
+from accum_jax import _casts
+emesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(16, 64, dtype=jnp.bfloat16, rngs=rngs)
+    self.l2 = nnx.Linear(64, 8, dtype=jnp.bfloat16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x))).astype(jnp.float32)
+
+
+def mlp_loss(model, b):
+  return jnp.mean((model(b['x']) - b['y8']) ** 2)
+
+
+FSDP = {(16, 64): P(None, 'data'), (64,): P('data'), (64, 8): P('data'),
+        (8,): P('data')}
+batch8 = {'x': x, 'y8': jnp.sin(x[:, :8])}
+
+
+def fsdp_train(detect):
+  with _compat.set_mesh(emesh):
+    m = MLP(nnx.Rngs(0))
+    nnx.update(m, jax.tree.map(lambda a: jax.device_put(
+        a, NamedSharding(emesh, FSDP[a.shape])), nnx.state(m)))
+    o = nnx.Optimizer(m, accum_jax.accumulate(optax.sgd(0.1), k),
+                      wrt=nnx.Param)
+    b = jax.device_put(batch8, NamedSharding(emesh, P('data')))
+    saved = _casts.cast_dtypes
+    if not detect:
+      _casts.cast_dtypes = lambda fn, p, *a, **kw: [None] * len(
+          jax.tree.leaves(p))
+    try:
+      f = nnx.jit(lambda m, o, b: accum_jax.nnx_train_step(m, o, b, mlp_loss))
+      for _ in range(2):
+        f(m, o, b)
+      graphdef, state = nnx.split((m, o))
+      text = jax.jit(lambda s, b: accum_jax.nnx_train_step(
+          *nnx.merge(graphdef, s), b, mlp_loss)).lower(state, b).compiler_ir(
+              'hlo').as_hlo_text()
+    finally:
+      _casts.cast_dtypes = saved
+    params = nnx.state(m, nnx.Param)
+    return ([np.asarray(a).tolist() for a in jax.tree.leaves(params)],
+            [str(a.sharding.spec) for a in jax.tree.leaves(params)],
+            hlo.collective_dtypes(text, 'all-gather'))
+
+
+ref = MLP(nnx.Rngs(0))
+ref_opt = nnx.Optimizer(ref, optax.sgd(0.1), wrt=nnx.Param)
+for _ in range(2):
+  ref_opt.update(ref, nnx.grad(mlp_loss)(ref, batch8))
+got, specs, gathers = fsdp_train(True)
+f32, _, f32_gathers = fsdp_train(False)
+out['nnx_fsdp'] = {
+    'got': got, 'f32': f32, 'specs': specs, 'gathers': gathers,
+    'f32_gathers': f32_gathers,
+    'want': [np.asarray(a).tolist()
+             for a in jax.tree.leaves(nnx.state(ref, nnx.Param))]}
 print(json.dumps(out))
 '''
 
@@ -388,6 +453,23 @@ def mesh_results():
                         capture_output=True, text=True, timeout=480)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_of_a_bf16_model_gathers_its_parameters_in_bf16(mesh_results):
+  """nnx_train_step on an Explicit mesh with FSDP-sharded parameters of a
+  model computing in bf16 (nnx.Linear(dtype=bf16)): every parameter is
+  all-gathered in bf16 (before optimization; XLA:CPU widens bf16
+  collectives), the parameters stay sharded, and two steps equal those
+  with f32 gathers bit for bit, and the full batch to bf16 rounding."""
+  record = mesh_results['nnx_fsdp']
+  assert record['gathers'] == {'bf16': 4}, record['gathers']
+  assert record['f32_gathers'] == {'f32': 4}, record['f32_gathers']
+  assert record['specs'] == ["P('data',)", "P(None, 'data')", "P('data',)",
+                             "P('data', None)"]
+  assert record['got'] == record['f32']
+  for got, want in zip(record['got'], record['want'], strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2,
+                               atol=2e-3)
 
 
 @pytest.mark.parametrize('helper', ['nnx', 'linen'])
