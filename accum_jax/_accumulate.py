@@ -364,8 +364,8 @@ class AccumulateConfig:
     noise = state.noise
     if _noise.tracked(noise):  # a micro-batch counts its weight, else 1
       noise = noise._replace(window=noise.window + _noise.piece(
-          grads_in, w, w, prescaled=False,
-          sq=_noise.added_sq_norm(grads_in, state.acc, acc, w)))
+          _noise.added_sq_norm(grads_in, state.acc, acc, w), w, w,
+          prescaled=False))
     summed = _nonfinite.count_bad(
         state._replace(count=state.count + counted, acc=acc,
                        weight=state.weight + w, noise=noise), bad)

@@ -114,9 +114,9 @@ class Accumulator:
                else micro.grad_scale)
       sq = _noise.added_sq_norm(micro.grads, sums.grads, added.grads, scale)
       added = added._replace(noise=added.noise + _noise.piece(
-          micro.grads, micro.weight,
+          sq, micro.weight,
           micro.weight if self.weighted else self.noise_rows,
-          prescaled=self.prescaled, sq=sq))
+          prescaled=self.prescaled))
     return added, stacked
 
   def finish(self, sums: _sums.Sums, stacked: Any) -> _sums.Sums:

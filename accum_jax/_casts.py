@@ -33,7 +33,7 @@ def _narrowing(eqn, dtype) -> Any:
 
 # Equations that move or re-lay a value without changing it: a cast after
 # them is a cast of the parameter.
-_MOVES = frozenset({'all_gather', 'pvary', 'copy', 'copy_p', 'reshard',
+_MOVES = frozenset({'all_gather', 'pvary', 'copy', 'reshard',
                     'sharding_constraint', 'mesh_cast'})
 
 

@@ -154,22 +154,20 @@ def added_sq_norm(grads: Any, before: Any, after: Any,
       **{platform: from_increment for platform in INCREMENT_PLATFORMS})
 
 
-def piece(grads: Any, weight: jax.Array, examples: Any,
-          prescaled: bool, sq: jax.Array | None = None) -> Tally:
+def piece(sq: jax.Array, weight: jax.Array, examples: Any,
+          prescaled: bool) -> Tally:
   """One piece's :class:`Tally`.
 
   Args:
-    grads: its gradient, or ``weight * gradient`` when ``prescaled``.
+    sq: the squared norm of its gradient as accumulated
+      (:func:`added_sq_norm`): of ``weight * gradient`` when ``prescaled``.
     weight: its weight as accumulated (0: dropped or empty, not counted).
     examples: its size ``b`` in examples (the weight, or its rows).
-    prescaled: whether ``grads`` carries the weight: ``|g|^2 = |w g|^2 /
+    prescaled: whether the gradient carried the weight: ``|g|^2 = |w g|^2 /
       w^2``.
-    sq: ``|grads|^2`` when already taken (:func:`added_sq_norm`).
   """
   w = jnp.asarray(weight, jnp.float32)
   keep = w > 0
-  if sq is None:
-    sq = sq_norm(grads)
   if prescaled:
     sq = sq / jnp.where(keep, w * w, 1.0)
   b = jnp.where(keep, jnp.asarray(examples, jnp.float32), 0.0)
